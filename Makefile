@@ -1,0 +1,40 @@
+# The verbs a newcomer needs. Each target creates .venv and installs the project on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-all lint format bench docs clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)  ## quickstart: tiny teacher and student built offline, KD, figures before and after
+	$(PY) -m easydistill.quickstart
+
+test: $(STAMP)  ## the fast suite CI runs
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)  ## including the slow end-to-end runs
+	$(PY) -m pytest -q -m "slow or not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check easydistill tests benchmarks
+	$(PY) -m ruff format --check easydistill tests benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format easydistill tests benchmarks
+	$(PY) -m ruff check --fix easydistill tests benchmarks
+
+docs: $(STAMP)  ## regenerate docs/config.md from the schema
+	$(PY) -m easydistill.config.docs --write docs/config.md
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,3 @@
+"""easydistill: knowledge distillation for causal language models, driven by one JSON file."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""Loading the student (full or LoRA) and online teachers. Weights come from safetensors only."""
+
+from __future__ import annotations
+
+import torch
+
+from easydistill.config import Config
+from easydistill.errors import UserError
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding positions carry label -100 and attention 0, so any id will do; eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, *, dtype: str, trust_remote_code: bool, attn_implementation: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:  # e.g. only .bin weights: we refuse to unpickle them
+        raise UserError(f"{path}: cannot load safetensors weights ({exc})") from None
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    lora = cfg.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_student(cfg: Config):
+    """The student as Trainer will train it: a PEFT model when LoRA is on, else the plain model."""
+    m = cfg.models
+    model = load_causal_lm(
+        m.student,
+        dtype=m.dtype,
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation,
+    )
+    if not cfg.lora.enable:
+        return model
+    from peft import PeftModel, get_peft_model
+
+    if cfg.lora.init_from:
+        model = PeftModel.from_pretrained(model, cfg.lora.init_from, is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(cfg))
+    if cfg.training.gradient_checkpointing:
+        # Frozen embeddings give checkpointed blocks inputs without grad; LoRA weights inside them would then
+        # get no gradient. Marking the embedding output as requiring grad keeps the graph connected.
+        model.enable_input_require_grads()
+    return model
+
+
+def load_frozen_teacher(path: str, cfg: Config, device: torch.device):
+    m = cfg.models
+    model = load_causal_lm(
+        path,
+        dtype=m.teacher_dtype,
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation,
+    )
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device)
+
+
+def trainable_summary(model) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

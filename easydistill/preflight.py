@@ -1,0 +1,201 @@
+"""Checks that need the files a config names but no weights: folders, tokenizers, LoRA targets, data.
+
+Everything here reads config.json and tokenizer files only (models are built on the meta device), so it
+runs in about a second even for a 70B teacher, before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from easydistill.config import Config
+from easydistill.errors import ConfigError, UserError
+
+RUN_MARKER = "easydistill_config.json"  # written into output_dir when a run starts
+
+
+@dataclass
+class PreflightReport:
+    notes: list[str] = field(default_factory=list)
+    lora_targets: list[str] = field(default_factory=list)
+    linear_modules: list[str] = field(default_factory=list)
+    vocab: dict[str, int] = field(default_factory=dict)  # folder name -> embedding rows
+
+
+def _model_folder(path: str, where: str, problems: list[str]) -> bool:
+    folder = Path(path)
+    if not folder.is_dir():
+        problems.append(f"{where}: {path!r} is not a folder")
+        return False
+    if not (folder / "config.json").is_file():
+        problems.append(f"{where}: {path!r} holds no config.json (expected a save_pretrained model folder)")
+        return False
+    return True
+
+
+def _embedding_rows(path: str) -> int | None:
+    config = json.loads((Path(path) / "config.json").read_text())
+    rows = config.get("vocab_size")
+    if rows is None:  # multimodal configs keep it in their text part
+        rows = (config.get("text_config") or {}).get("vocab_size")
+    return rows
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _compare_tokenizers(cfg: Config, folders: dict[str, str], problems: list[str], report: PreflightReport):
+    """Same tokenizer (vocab and merges-derived ids) for the student and every teacher with a folder."""
+    student_where = "$.models.student"
+    try:
+        reference = _load_tokenizer(folders[student_where], cfg.models.trust_remote_code)
+    except Exception as exc:  # a broken tokenizer file is the user's to fix
+        problems.append(f"{student_where}: cannot load the tokenizer from {folders[student_where]!r}: {exc}")
+        return
+    ref_vocab = reference.get_vocab()
+    for where, path in folders.items():
+        rows = _embedding_rows(path)
+        report.vocab[path] = rows
+        if where == student_where:
+            continue
+        try:
+            other = _load_tokenizer(path, cfg.models.trust_remote_code)
+        except Exception as exc:
+            problems.append(f"{where}: cannot load the tokenizer from {path!r}: {exc}")
+            continue
+        if other.get_vocab() != ref_vocab:
+            problems.append(
+                f"{where}: the teacher's tokenizer ({len(other)} tokens, {rows} embedding rows) differs from the "
+                f"student's ({len(reference)} tokens, {report.vocab[folders[student_where]]} embedding rows); "
+                "white-box KD compares distributions token by token, so both must share one tokenizer"
+            )
+            continue
+        student_rows = report.vocab[folders[student_where]]
+        if rows != student_rows:
+            report.notes.append(
+                f"{where}: same tokenizer ({len(reference)} tokens); embedding rows differ ({rows} teacher vs "
+                f"{student_rows} student): distributions are compared on the first "
+                f"{min(rows, student_rows)} rows"
+            )
+
+
+def linear_module_names(model_path: str, trust_remote_code: bool = False) -> tuple[list[str], set[str]]:
+    """(suffixes of the linear layers, all module-name suffixes) of a model, built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    linear, every = set(), set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if name:
+            every.add(leaf)
+        if isinstance(module, torch.nn.Linear):
+            linear.add(leaf)
+    return sorted(linear), every
+
+
+def _check_lora(cfg: Config, problems: list[str], report: PreflightReport):
+    lora = cfg.lora
+    try:
+        linear, every = linear_module_names(cfg.models.student, cfg.models.trust_remote_code)
+    except Exception as exc:
+        problems.append(f"$.models.student: cannot build the architecture from config.json: {exc}")
+        return
+    report.linear_modules = linear
+    targets = lora.target_modules
+    if targets == "all-linear":
+        report.lora_targets = [n for n in linear if n != "lm_head"]
+    else:
+        missing = [t for t in targets if t.rsplit(".", 1)[-1] not in linear]
+        for t in missing:
+            kind = "is not a linear layer" if t in every else "does not exist"
+            problems.append(
+                f"$.lora.target_modules: {t!r} {kind} in {cfg.models.student!r}; its linear modules are: "
+                f"{', '.join(linear)}"
+            )
+        report.lora_targets = list(targets)
+    for name in lora.modules_to_save or []:
+        if name not in every:
+            problems.append(f"$.lora.modules_to_save: {name!r} does not exist in {cfg.models.student!r}")
+    if lora.init_from:
+        folder = Path(lora.init_from)
+        if not (folder / "adapter_config.json").is_file():
+            problems.append(
+                f"$.lora.init_from: {lora.init_from!r} holds no adapter_config.json (a PEFT adapter folder)"
+            )
+
+
+def _check_data(cfg: Config, problems: list[str]):
+    from easydistill.data import validate_data_file
+
+    for key in ("labeled_path", "eval_path", "instruction_path"):
+        path = getattr(cfg.dataset, key)
+        if not path:
+            continue
+        if not Path(path).is_file():
+            problems.append(f"$.dataset.{key}: no such file {path!r}")
+            continue
+        try:
+            validate_data_file(path)
+        except UserError as exc:
+            problems.append(f"$.dataset.{key}: {exc}")
+    template = cfg.dataset.template
+    if template and not Path(template).is_file():
+        problems.append(f"$.dataset.template: no such file {template!r}")
+    trains_from_files = cfg.job_type.endswith(("train_only", "multi"))
+    for teacher in cfg.teachers:
+        if trains_from_files and teacher.kind == "cached" and not Path(teacher.logits_path).exists():
+            where = "$.dataset.logits_path" if len(cfg.teachers) == 1 else f"teacher {teacher.name!r}"
+            problems.append(
+                f"{where}: no stored teacher logits at {teacher.logits_path!r} "
+                f"({cfg.job_type} trains from existing files; kd_white_box computes them)"
+            )
+
+
+def _check_output_dir(cfg: Config, problems: list[str]):
+    out = cfg.output_dir
+    resume = cfg.training.resume_from_checkpoint
+    if out.exists() and not out.is_dir():
+        problems.append(f"$.training.output_dir: {str(out)!r} exists and is not a folder")
+    elif (out / RUN_MARKER).exists() and not resume and not cfg.training.overwrite_output_dir:
+        problems.append(
+            f"$.training.output_dir: {str(out)!r} already holds a run; choose another folder, resume it with "
+            "training.resume_from_checkpoint, or set training.overwrite_output_dir to true"
+        )
+
+
+def preflight(cfg: Config, *, check_output_dir: bool = True) -> PreflightReport:
+    """Every file-level problem at once, as a ConfigError; a report of what was found otherwise."""
+    problems: list[str] = []
+    report = PreflightReport()
+    folders: dict[str, str] = {}
+    if _model_folder(cfg.models.student, "$.models.student", problems):
+        folders["$.models.student"] = cfg.models.student
+    teacher = cfg.models.teacher
+    for i, spec in enumerate(cfg.teachers):
+        if spec.path is None:
+            continue
+        where = "$.models.teacher" if isinstance(teacher, str) else f"$.models.teacher[{i}]"
+        if spec.kind == "cached" and not os.path.isdir(spec.path):
+            continue  # v1 keeps the teacher's path beside its logits; the folder may be gone
+        if _model_folder(spec.path, where, problems):
+            folders[where] = spec.path
+    if "$.models.student" in folders:
+        _compare_tokenizers(cfg, folders, problems, report)
+        if cfg.lora.enable:
+            _check_lora(cfg, problems, report)
+    _check_data(cfg, problems)
+    if check_output_dir:
+        _check_output_dir(cfg, problems)
+    if problems:
+        raise ConfigError(problems, cfg.source)
+    return report

@@ -1,0 +1,19 @@
+"""A separate frozen model: eval mode, no grad, never in the optimizer, in its own dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from easydistill.config import TeacherSpec
+
+
+class OnlineTeacher:
+    def __init__(self, spec: TeacherSpec, model: torch.nn.Module):
+        self.spec = spec
+        self.model = model
+
+    @torch.no_grad()
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) input_ids -> (B, T, V_t) logits; position t predicts token t + 1."""
+        self.model.eval()  # Trainer.train() calls .train() on what it knows; this model it does not know
+        return self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits

@@ -1,0 +1,35 @@
+"""The student's own base weights with its LoRA adapters disabled: one copy of the weights in memory."""
+
+from __future__ import annotations
+
+import torch
+
+from easydistill.config import TeacherSpec
+
+
+class SelfTeacher:
+    """Teacher forward = the student's PeftModel inside disable_adapter(), no grad, dropout off.
+
+    The training flag of every submodule is put back exactly as it was, so the student's next forward is
+    unchanged (dropout on where it was on).
+    """
+
+    def __init__(self, spec: TeacherSpec, peft_model: torch.nn.Module):
+        if not hasattr(peft_model, "disable_adapter"):
+            raise TypeError("a self-teacher needs the student as a PEFT model (LoRA on)")
+        self.spec = spec
+        self.model = peft_model
+
+    @torch.no_grad()
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) input_ids -> (B, T, V) logits of the base model."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return self.model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                ).logits
+        finally:
+            for module, was_training in modes:
+                module.training = was_training

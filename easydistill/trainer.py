@@ -1,0 +1,211 @@
+"""The KD loop: a Hugging Face Trainer whose loss mixes cross-entropy with the teachers' divergence.
+
+One step: batch -> student forward -> each teacher's logits -> per-token sums -> divide by the valid tokens of
+the whole optimizer step (every micro-batch, every rank) -> backward. Trainer brings accumulation, DDP/FSDP/
+DeepSpeed through accelerate, checkpoints, resume, the progress bar and the loggers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from easydistill import losses
+
+
+class KDTrainer(Trainer):
+    """Trainer with total = ((1 - kd_ratio) * CE_sum + kd_ratio * Σ_i w_i KD_sum_i) / N_step."""
+
+    # compute_loss divides by the step's token count itself, so Trainer must not divide by the GA steps again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self, *args, teachers=(), kd_ratio=0.5, kind="forward_kld", beta=0.5, skew_alpha=0.1, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.teachers = list(teachers)
+        self.kd_ratio = kd_ratio if self.teachers else 0.0
+        self.kind, self.beta, self.skew_alpha = kind, beta, skew_alpha
+        # Trainer counts the valid tokens of every optimizer step (all micro-batches, gathered over ranks)
+        # only for models that take loss kwargs; our loss always uses that count.
+        self.model_accepts_loss_kwargs = True
+        self._sums = self._zero_sums()
+        self._log_clock = time.perf_counter()
+
+    def _zero_sums(self) -> torch.Tensor:
+        # ce, n_tokens, input tokens, then one KD sum per teacher
+        return torch.zeros(3 + len(self.teachers), dtype=torch.float64, device=self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        outputs = model(**model_inputs)
+        # Logits at position t predict token t + 1: keep only positions whose next token is a label.
+        mask = labels[:, 1:] != -100  # (B, T-1)
+        targets = labels[:, 1:][mask]  # (N,)
+        student = outputs.logits[:, :-1][mask]  # (N, V_s)
+        ce_sum = F.cross_entropy(student.float(), targets, reduction="sum")
+        kd_sums = []
+        for teacher in self.teachers:
+            teacher_rows = teacher.logits(model_inputs)[:, :-1][mask]  # (N, V_t)
+            kd_sums.append(
+                losses.divergence(
+                    student,
+                    teacher_rows,
+                    self.kind,
+                    beta=self.beta,
+                    temperature=teacher.spec.temperature,
+                    skew_alpha=self.skew_alpha,
+                    reduction="sum",
+                )
+            )
+        kd_sum = sum((t.spec.weight * s for t, s in zip(self.teachers, kd_sums)), ce_sum.new_zeros(()))
+        n_tokens = targets.numel()
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
+        loss = ((1.0 - self.kd_ratio) * ce_sum + self.kd_ratio * kd_sum) / denominator
+        if (
+            self.args.average_tokens_across_devices
+            and self.accelerator.num_processes > 1
+            and num_items_in_batch is not None
+        ):
+            # The denominator already counts every rank's tokens; DDP averages gradients over ranks.
+            loss = loss * self.accelerator.num_processes
+        if model.training:
+            step = torch.stack(
+                [
+                    ce_sum.detach().double(),
+                    ce_sum.new_tensor(n_tokens, dtype=torch.float64),
+                    ce_sum.new_tensor(float(inputs["attention_mask"].sum()), dtype=torch.float64),
+                    *[s.detach().double() for s in kd_sums],
+                ]
+            )
+            self._sums += step.to(self._sums.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log; every rank logs together, so the reduce below is safe
+            sums = self.accelerator.reduce(self._sums.clone(), reduction="sum")
+            n = max(float(sums[1]), 1.0)
+            logs["ce_loss"] = round(float(sums[0]) / n, 6)
+            if self.teachers:
+                per_teacher = [float(s) / n for s in sums[3:]]
+                logs["kd_loss"] = round(sum(t.spec.weight * v for t, v in zip(self.teachers, per_teacher)), 6)
+                if len(self.teachers) > 1:
+                    for teacher, value in zip(self.teachers, per_teacher):
+                        logs[f"kd_loss/{teacher.spec.name}"] = round(value, 6)
+            now = time.perf_counter()
+            logs["tokens_per_second"] = round(float(sums[2]) / max(now - self._log_clock, 1e-9), 1)
+            self._log_clock = now
+            self._sums.zero_()
+        super().log(logs, start_time)
+
+
+def training_arguments(cfg):
+    """TrainingArguments from the `training` block; the keys we own or map are taken out first."""
+    from transformers import TrainingArguments
+
+    from easydistill.config.training_keys import OWN_KEYS, SFT_KEYS
+
+    values = {k: v for k, v in cfg.training.as_dict().items() if k not in OWN_KEYS and k not in SFT_KEYS}
+    values.pop("resume_from_checkpoint", None)  # passed to train(), where Trainer reads it
+    values.setdefault("report_to", "none")
+    # Our collator adds sample_index (teacher rows are found by sample, never by step), which the model's
+    # forward does not take: Trainer must not drop it.
+    values["remove_unused_columns"] = False
+    values["label_names"] = ["labels"]
+    try:
+        return TrainingArguments(**values)
+    except (ValueError, TypeError) as exc:
+        from easydistill.errors import UserError
+
+        raise UserError(f"$.training: {exc}") from None
+
+
+def run_training(cfg, report=None) -> dict:
+    """Build data, student and teachers from a checked config, train, export. Returns the final metrics."""
+    import json
+
+    from transformers import set_seed
+
+    from easydistill.cli import is_main_process, print0
+    from easydistill.data import KDCollator, TokenizedDataset, build_dataset
+    from easydistill.export import merge_adapter
+    from easydistill.models import load_student, load_tokenizer, trainable_summary
+    from easydistill.preflight import RUN_MARKER
+    from easydistill.teachers import build_teachers
+
+    args = training_arguments(cfg)
+    set_seed(args.seed)
+    m, d = cfg.models, cfg.distillation
+    tokenizer = load_tokenizer(m.student, m.trust_remote_code)
+    train_examples, eval_examples, stats = build_dataset(
+        cfg.dataset.labeled_path,
+        tokenizer,
+        template_path=cfg.dataset.template,
+        max_length=cfg.max_length,
+        eval_ratio=cfg.dataset.eval_ratio,
+        eval_path=cfg.dataset.eval_path,
+        seed=cfg.dataset.seed,
+    )
+    if cfg.dataset.max_samples:
+        train_examples = train_examples[: cfg.dataset.max_samples]
+    print0(f"data: {stats.summary()}; {len(train_examples)} train / {len(eval_examples)} eval examples")
+    if not train_examples:
+        from easydistill.errors import UserError
+
+        raise UserError(f"$.dataset.labeled_path: no training example left ({stats.summary()})")
+
+    student = load_student(cfg)
+    teachers = build_teachers(cfg, student, args.device)
+    print0(f"student: {m.student} — {trainable_summary(student)}")
+    for t in teachers:
+        if t.spec.kind == "self":
+            print0(
+                "teacher: self — student = base + LoRA (trainable); teacher = the same base with LoRA disabled "
+                "(frozen); one shared copy of the base weights"
+            )
+        else:
+            print0(f"teacher: {t.spec.name} [{t.spec.kind}] {t.spec.path} (weight {t.spec.weight:.3g})")
+
+    trainer = KDTrainer(
+        model=student,
+        args=args,
+        train_dataset=TokenizedDataset(train_examples),
+        eval_dataset=TokenizedDataset(eval_examples) if eval_examples else None,
+        data_collator=KDCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        teachers=teachers,
+        kd_ratio=d.kd_ratio if cfg.is_white_box else 0.0,
+        kind=d.distillation_type,
+        beta=d.beta,
+        skew_alpha=d.skew_alpha,
+    )
+    if is_main_process():
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.output_dir / RUN_MARKER).write_text(cfg.to_json())
+    result = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint or None)
+    metrics = dict(result.metrics)
+    metrics.update({f"data_{k}": v for k, v in vars(stats).items()})
+    if eval_examples:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(str(cfg.output_dir))
+    trainer.save_state()
+    if cfg.lora.enable and cfg.lora.save_merged_model and trainer.is_world_process_zero():
+        texts = [tokenizer.decode(e.input_ids) for e in (eval_examples or train_examples)[:4]]
+        metrics["merged_max_logit_diff"] = merge_adapter(
+            m.student,
+            str(cfg.output_dir),
+            cfg.output_dir / "merged_model",
+            dtype="float32" if m.dtype == "auto" else m.dtype,
+            trust_remote_code=m.trust_remote_code,
+            texts=texts,
+            log=print0,
+        )
+    if trainer.is_world_process_zero():
+        trainer.save_metrics("all", metrics, combined=False)
+        (cfg.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()
+    return metrics

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny models built offline once per test session.
+
+The folders are shared by every test of the session: treat them as read-only (copy one to change it).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub / transformers / datasets: they read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and two OpenMP threads on a busy 2-core machine spin-wait
+# each other into 100x slower matmuls; one thread keeps the suite's timing stable.
+torch.set_num_threads(1)
+
+# Text unlike the synthetic corpus, so the tokenizer trained on it has other merges and another size.
+OTHER_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Knowledge distillation trains a small student to match a large teacher.",
+    "Hello world! Numbers like 12345 and words like reward, drawer, level.",
+    "user assistant system: please answer briefly.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(teacher_dir, student_dir), Qwen2 architecture, one tokenizer, teacher rows padded to 64."""
+    from easydistill.tiny_models import build_pair
+
+    return build_pair(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(teacher_dir, student_dir), Llama architecture, otherwise as `tiny_pair`."""
+    from easydistill.tiny_models import build_pair
+
+    return build_pair(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_pair) -> Path:
+    """A folder `AutoTokenizer.from_pretrained` loads: the shared tokenizer of `tiny_pair`."""
+    return tiny_pair[1]
+
+
+@pytest.fixture(scope="session")
+def mismatched_tokenizer_model(tmp_path_factory) -> Path:
+    """A Qwen2 model folder whose tokenizer differs from `tiny_pair`'s (other text, other vocab size)."""
+    from easydistill.tiny_models import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(OTHER_TEXT * 5, vocab_size=300)
+    return build_model(tmp_path_factory.mktemp("tiny-mismatched") / "model", tokenizer=tokenizer, seed=7)
