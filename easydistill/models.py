@@ -64,7 +64,7 @@ def load_student(cfg: Config):
         model = PeftModel.from_pretrained(model, cfg.lora.init_from, is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(cfg))
-    if cfg.training.gradient_checkpointing:
+    if cfg.training.gradient_checkpointing or cfg.training.activation_checkpointing:
         # Frozen embeddings give checkpointed blocks inputs without grad; LoRA weights inside them would then
         # get no gradient. Marking the embedding output as requiring grad keeps the graph connected.
         model.enable_input_require_grads()

@@ -8,6 +8,7 @@ DeepSpeed through accelerate, checkpoints, resume, the progress bar and the logg
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ class KDTrainer(Trainer):
         ce_sum = F.cross_entropy(student.float(), targets, reduction="sum")
         kd_sums = []
         for teacher in self.teachers:
-            teacher_rows = teacher.logits(model_inputs)[:, :-1][mask]  # (N, V_t)
+            teacher_rows = teacher.rows(inputs, mask)  # (N, V_t)
             kd_sums.append(
                 losses.divergence(
                     student,
@@ -112,6 +113,11 @@ def training_arguments(cfg):
     values = {k: v for k, v in cfg.training.as_dict().items() if k not in OWN_KEYS and k not in SFT_KEYS}
     values.pop("resume_from_checkpoint", None)  # passed to train(), where Trainer reads it
     values.setdefault("report_to", "none")
+    values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        # Without an accelerator everything runs on the CPU anyway; saying so lets bf16 configs run (CPU
+        # autocast) and makes several processes one gloo DDP job instead of independent copies.
+        values.setdefault("use_cpu", True)
     # Our collator adds sample_index (teacher rows are found by sample, never by step), which the model's
     # forward does not take: Trainer must not drop it.
     values["remove_unused_columns"] = False
@@ -124,19 +130,30 @@ def training_arguments(cfg):
         raise UserError(f"$.training: {exc}") from None
 
 
-def run_training(cfg, report=None) -> dict:
-    """Build data, student and teachers from a checked config, train, export. Returns the final metrics."""
-    import json
+@dataclass
+class KDRun:
+    """Everything a run is built from, so that tests and tools can step into it."""
 
+    cfg: object
+    trainer: KDTrainer
+    tokenizer: object
+    train_examples: list
+    eval_examples: list
+    stats: object
+
+
+def prepare_run(cfg) -> KDRun:
+    """Data, student, teachers and the Trainer for a checked config. Nothing is written yet."""
     from transformers import set_seed
+    from transformers.utils import logging as hf_logging
 
-    from easydistill.cli import is_main_process, print0
+    from easydistill.cli import print0
     from easydistill.data import KDCollator, TokenizedDataset, build_dataset
-    from easydistill.export import merge_adapter
+    from easydistill.errors import UserError
     from easydistill.models import load_student, load_tokenizer, trainable_summary
-    from easydistill.preflight import RUN_MARKER
     from easydistill.teachers import build_teachers
 
+    hf_logging.disable_progress_bar()  # per-file loading bars; the training bar is Trainer's own
     args = training_arguments(cfg)
     set_seed(args.seed)
     m, d = cfg.models, cfg.distillation
@@ -154,17 +171,15 @@ def run_training(cfg, report=None) -> dict:
         train_examples = train_examples[: cfg.dataset.max_samples]
     print0(f"data: {stats.summary()}; {len(train_examples)} train / {len(eval_examples)} eval examples")
     if not train_examples:
-        from easydistill.errors import UserError
-
         raise UserError(f"$.dataset.labeled_path: no training example left ({stats.summary()})")
 
     student = load_student(cfg)
     teachers = build_teachers(cfg, student, args.device)
-    print0(f"student: {m.student} — {trainable_summary(student)}")
+    print0(f"student: {m.student} ({trainable_summary(student)})")
     for t in teachers:
         if t.spec.kind == "self":
             print0(
-                "teacher: self — student = base + LoRA (trainable); teacher = the same base with LoRA disabled "
+                "teacher: self. student = base + LoRA (trainable); teacher = the same base with LoRA disabled "
                 "(frozen); one shared copy of the base weights"
             )
         else:
@@ -183,18 +198,31 @@ def run_training(cfg, report=None) -> dict:
         beta=d.beta,
         skew_alpha=d.skew_alpha,
     )
+    return KDRun(cfg, trainer, tokenizer, train_examples, eval_examples, stats)
+
+
+def run_training(cfg, report=None) -> dict:
+    """Build data, student and teachers from a checked config, train, export. Returns the final metrics."""
+    import json
+
+    from easydistill.cli import is_main_process, print0
+    from easydistill.export import merge_adapter
+    from easydistill.preflight import RUN_MARKER
+
+    run = prepare_run(cfg)
+    trainer, m = run.trainer, cfg.models
     if is_main_process():
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         (cfg.output_dir / RUN_MARKER).write_text(cfg.to_json())
     result = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint or None)
     metrics = dict(result.metrics)
-    metrics.update({f"data_{k}": v for k, v in vars(stats).items()})
-    if eval_examples:
+    metrics.update({f"data_{k}": v for k, v in vars(run.stats).items()})
+    if run.eval_examples:
         metrics.update(trainer.evaluate())
     trainer.save_model(str(cfg.output_dir))
     trainer.save_state()
     if cfg.lora.enable and cfg.lora.save_merged_model and trainer.is_world_process_zero():
-        texts = [tokenizer.decode(e.input_ids) for e in (eval_examples or train_examples)[:4]]
+        texts = [run.tokenizer.decode(e.input_ids) for e in (run.eval_examples or run.train_examples)[:4]]
         metrics["merged_max_logit_diff"] = merge_adapter(
             m.student,
             str(cfg.output_dir),
@@ -205,7 +233,6 @@ def run_training(cfg, report=None) -> dict:
             log=print0,
         )
     if trainer.is_world_process_zero():
-        trainer.save_metrics("all", metrics, combined=False)
         (cfg.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()
     return metrics

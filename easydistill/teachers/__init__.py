@@ -1,7 +1,9 @@
 """Teachers give token distributions for a batch of student inputs. A single teacher is a list of one.
 
-Every teacher has `spec` (name, weight, temperature) and `logits(inputs) -> (B, T, V_t)` computed under
-no_grad for the batch's input_ids/attention_mask; stored-logit teachers slot in behind the same interface.
+Every teacher has `spec` (name, weight, temperature) and `rows(batch, mask)`: its distribution at the
+positions `mask` (B, T-1) selects (label positions, after the causal shift), as (N, V_t) logits computed
+under no_grad. Row i describes the same prediction of the same sample as the student's row i. Stored-logit
+teachers slot in behind the same method, returning sparse top-k rows instead of dense logits.
 """
 
 from __future__ import annotations

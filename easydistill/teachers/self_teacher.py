@@ -21,15 +21,17 @@ class SelfTeacher:
         self.model = peft_model
 
     @torch.no_grad()
-    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) input_ids -> (B, T, V) logits of the base model."""
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
             with self.model.disable_adapter():
-                return self.model(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                ).logits
+                return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         finally:
             for module, was_training in modes:
                 module.training = was_training
+
+    def rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """(N, V) base-model logits at the positions `mask` (B, T-1) selects."""
+        return self.logits(batch)[:, :-1][mask]

@@ -1,0 +1,72 @@
+"""Small builders shared by the training tests: a config dict on tiny models, and a run in-process."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from easydistill.config import load_config
+from easydistill.synthetic import make_records
+
+
+def write_records(path: Path, task: str = "add", n: int = 24, seed: int = 1) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_records(task, n, seed=seed)))
+    return path
+
+
+def kd_config(tiny_pair, data: Path, out: Path, **blocks) -> dict:
+    """A white-box config on the tiny pair; `blocks` are merged into the named blocks (lora, training...)."""
+    teacher, student = tiny_pair
+    cfg = {
+        "job_type": "kd_white_box_train_only",
+        "dataset": {"labeled_path": str(data), "seed": 0},
+        "distillation": {"kd_ratio": 0.5, "max_seq_length": 64, "distillation_type": "forward_kld"},
+        "models": {"teacher": str(teacher), "student": str(student)},
+        "training": {
+            "output_dir": str(out),
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "seed": 0,
+        },
+        "lora": {"enable": True, "r": 4, "alpha": 8, "dropout": 0.0},
+    }
+    for block, values in blocks.items():
+        if isinstance(values, dict):
+            cfg.setdefault(block, {}).update(copy.deepcopy(values))
+        else:
+            cfg[block] = values
+    return cfg
+
+
+def prepare(raw: dict):
+    from easydistill.trainer import prepare_run
+
+    return prepare_run(load_config(raw))
+
+
+def train(raw: dict) -> dict:
+    from easydistill.trainer import run_training
+
+    return run_training(load_config(raw))
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def load_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))

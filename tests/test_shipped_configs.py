@@ -1,0 +1,54 @@
+"""Every shipped config runs a few steps end to end, with its model and data paths pointed at tiny ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kd_helpers import train, write_records
+
+REPO = Path(__file__).resolve().parents[1]
+# The quickstart config names the folders the quickstart builds; tests/test_quickstart.py runs it.
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.json") if p.name != "quickstart.json")
+
+
+def on_tiny_models(raw: dict, tiny_pair, data: Path, out: Path) -> dict:
+    teacher, student = tiny_pair
+    raw["models"]["student"] = str(student)
+    t = raw["models"].get("teacher")
+    if isinstance(t, str) and t != "self":
+        raw["models"]["teacher"] = str(teacher)
+    elif isinstance(t, list):
+        raw["models"]["teacher"] = [
+            {**e, "path": str(teacher)} if isinstance(e, dict) else str(teacher) for e in t
+        ]
+    raw["dataset"]["labeled_path"] = str(data)
+    if raw["dataset"].get("template"):
+        raw["dataset"]["template"] = str(REPO / raw["dataset"]["template"])
+    raw["distillation"]["max_seq_length"] = 64
+    raw["training"].update(
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    return raw
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_runs(path, tiny_pair, tmp_path):
+    data = write_records(tmp_path / "train.jsonl", n=16)
+    raw = on_tiny_models(json.loads(path.read_text()), tiny_pair, data, tmp_path / "out")
+    metrics = train(raw)
+    assert metrics["train_loss"] > 0
+    log = json.loads((tmp_path / "out/trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in log if "loss" in e] == [1, 2]
+    if raw.get("lora", {}).get("save_merged_model"):
+        assert (tmp_path / "out/merged_model/config.json").is_file()
+    n_teachers = len(raw["models"]["teacher"]) if isinstance(raw["models"]["teacher"], list) else 1
+    if n_teachers > 1:
+        assert all(f"kd_loss/{t['name']}" in log[0] for t in raw["models"]["teacher"])
