@@ -14,56 +14,67 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from easydistill import losses
+from easydistill.teachers.ensemble import combined_divergence
 
 
 class KDTrainer(Trainer):
-    """Trainer with total = ((1 - kd_ratio) * CE_sum + kd_ratio * Σ_i w_i KD_sum_i) / N_step."""
+    """Trainer with total = ((1 - kd_ratio) * CE_sum + kd_ratio * KD_sum) / N_step.
+
+    KD_sum combines the teachers (see teachers/ensemble.py); N_step is the number of label tokens in the
+    whole optimizer step, over every micro-batch and rank, so that the loss does not depend on how a step
+    is split into micro-batches or processes.
+    """
 
     # compute_loss divides by the step's token count itself, so Trainer must not divide by the GA steps again.
     loss_is_scaled_for_ga = True
 
     def __init__(
-        self, *args, teachers=(), kd_ratio=0.5, kind="forward_kld", beta=0.5, skew_alpha=0.1, **kwargs
+        self,
+        *args,
+        teachers=(),
+        kd_ratio=0.5,
+        kind="forward_kld",
+        beta=0.5,
+        skew_alpha=0.1,
+        combine="weighted_loss",
+        temperature=1.0,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.teachers = list(teachers)
         self.kd_ratio = kd_ratio if self.teachers else 0.0
         self.kind, self.beta, self.skew_alpha = kind, beta, skew_alpha
+        self.combine, self.temperature = combine, temperature
         # Trainer counts the valid tokens of every optimizer step (all micro-batches, gathered over ranks)
         # only for models that take loss kwargs; our loss always uses that count.
         self.model_accepts_loss_kwargs = True
-        self._sums = self._zero_sums()
+        # Running sums between two logs: ce, label tokens, input tokens, combined kd, then kd per teacher.
+        self._sums = torch.zeros(4 + len(self.teachers), dtype=torch.float64, device=self.args.device)
         self._log_clock = time.perf_counter()
-
-    def _zero_sums(self) -> torch.Tensor:
-        # ce, n_tokens, input tokens, then one KD sum per teacher
-        return torch.zeros(3 + len(self.teachers), dtype=torch.float64, device=self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        outputs = model(**model_inputs)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         # Logits at position t predict token t + 1: keep only positions whose next token is a label.
         mask = labels[:, 1:] != -100  # (B, T-1)
         targets = labels[:, 1:][mask]  # (N,)
         student = outputs.logits[:, :-1][mask]  # (N, V_s)
         ce_sum = F.cross_entropy(student.float(), targets, reduction="sum")
-        kd_sums = []
-        for teacher in self.teachers:
-            teacher_rows = teacher.rows(inputs, mask)  # (N, V_t)
-            kd_sums.append(
-                losses.divergence(
-                    student,
-                    teacher_rows,
-                    self.kind,
-                    beta=self.beta,
-                    temperature=teacher.spec.temperature,
-                    skew_alpha=self.skew_alpha,
-                    reduction="sum",
-                )
+        kd_sum, own_sums = ce_sum.new_zeros(()), [ce_sum.new_zeros(()) for _ in self.teachers]
+        if self.teachers and self.kd_ratio > 0:
+            rows = [teacher.rows(inputs, mask) for teacher in self.teachers]  # each (N, V_t), or sparse
+            kd_sum, own_sums = combined_divergence(
+                student,
+                rows,
+                [t.spec.weight for t in self.teachers],
+                [t.spec.temperature for t in self.teachers],
+                targets,
+                combine=self.combine,
+                kind=self.kind,
+                beta=self.beta,
+                skew_alpha=self.skew_alpha,
+                student_temperature=self.temperature,
             )
-        kd_sum = sum((t.spec.weight * s for t, s in zip(self.teachers, kd_sums)), ce_sum.new_zeros(()))
         n_tokens = targets.numel()
         denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
         loss = ((1.0 - self.kd_ratio) * ce_sum + self.kd_ratio * kd_sum) / denominator
@@ -75,15 +86,9 @@ class KDTrainer(Trainer):
             # The denominator already counts every rank's tokens; DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         if model.training:
-            step = torch.stack(
-                [
-                    ce_sum.detach().double(),
-                    ce_sum.new_tensor(n_tokens, dtype=torch.float64),
-                    ce_sum.new_tensor(float(inputs["attention_mask"].sum()), dtype=torch.float64),
-                    *[s.detach().double() for s in kd_sums],
-                ]
-            )
-            self._sums += step.to(self._sums.device)
+            counts = [float(n_tokens), float(inputs["attention_mask"].sum())]
+            step = [ce_sum.detach(), *map(ce_sum.new_tensor, counts), kd_sum.detach(), *own_sums]
+            self._sums += torch.stack([v.double() for v in step]).to(self._sums.device)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -92,11 +97,10 @@ class KDTrainer(Trainer):
             n = max(float(sums[1]), 1.0)
             logs["ce_loss"] = round(float(sums[0]) / n, 6)
             if self.teachers:
-                per_teacher = [float(s) / n for s in sums[3:]]
-                logs["kd_loss"] = round(sum(t.spec.weight * v for t, v in zip(self.teachers, per_teacher)), 6)
+                logs["kd_loss"] = round(float(sums[3]) / n, 6)
                 if len(self.teachers) > 1:
-                    for teacher, value in zip(self.teachers, per_teacher):
-                        logs[f"kd_loss/{teacher.spec.name}"] = round(value, 6)
+                    for teacher, value in zip(self.teachers, sums[4:]):
+                        logs[f"kd_loss/{teacher.spec.name}"] = round(float(value) / n, 6)
             now = time.perf_counter()
             logs["tokens_per_second"] = round(float(sums[2]) / max(now - self._log_clock, 1e-9), 1)
             self._log_clock = now
@@ -197,6 +201,8 @@ def prepare_run(cfg) -> KDRun:
         kind=d.distillation_type,
         beta=d.beta,
         skew_alpha=d.skew_alpha,
+        combine=d.combine,
+        temperature=d.temperature,
     )
     return KDRun(cfg, trainer, tokenizer, train_examples, eval_examples, stats)
 

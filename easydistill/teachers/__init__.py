@@ -15,6 +15,8 @@ __all__ = ["OnlineTeacher", "SelfTeacher", "build_teachers"]
 
 
 def build_teachers(cfg, student_model, device):
+    import torch
+
     from easydistill.errors import UserError
     from easydistill.models import load_frozen_teacher
 
@@ -23,7 +25,9 @@ def build_teachers(cfg, student_model, device):
         if spec.kind == "self":
             teachers.append(SelfTeacher(spec, student_model))
         elif spec.kind == "online":
-            teachers.append(OnlineTeacher(spec, load_frozen_teacher(spec.path, cfg, device)))
+            offload = cfg.models.teacher_offload
+            model = load_frozen_teacher(spec.path, cfg, torch.device("cpu") if offload else device)
+            teachers.append(OnlineTeacher(spec, model, offload=offload))
         else:
             raise UserError(
                 f"teacher {spec.name!r}: training from stored teacher logits ({spec.logits_path}) is not in this "

@@ -8,15 +8,28 @@ from easydistill.config import TeacherSpec
 
 
 class OnlineTeacher:
-    def __init__(self, spec: TeacherSpec, model: torch.nn.Module):
+    """`offload`: the weights wait on the CPU and visit the batch's device only for their forward, so that
+    several teachers share one device's memory one at a time."""
+
+    def __init__(self, spec: TeacherSpec, model: torch.nn.Module, *, offload: bool = False):
         self.spec = spec
         self.model = model
+        self.offload = offload
+        if offload:
+            self.model.to("cpu")
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) input_ids -> (B, T, V_t) logits; position t predicts token t + 1."""
         self.model.eval()  # Trainer.train() calls .train() on what it knows; this model it does not know
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        device = batch["input_ids"].device
+        if self.offload:
+            self.model.to(device)
+        try:
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finally:
+            if self.offload:
+                self.model.to("cpu")
 
     def rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """The teacher's logits at the positions `mask` (B, T-1) selects: (N, V_t), row i predicting the
