@@ -14,7 +14,20 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from easydistill.on_policy import is_on_policy, on_policy_settings, sample_completions, student_generate
 from easydistill.teachers.ensemble import combined_divergence
+
+# What KDTrainer sums between two logs (order of its running-sums vector).
+SUMS = (
+    "ce",
+    "label_tokens",
+    "input_tokens",
+    "micro_batches",
+    "on_policy",
+    "generated_tokens",
+    "generation_seconds",
+    "kd",
+)
 
 
 class KDTrainer(Trainer):
@@ -38,6 +51,7 @@ class KDTrainer(Trainer):
         skew_alpha=0.1,
         combine="weighted_loss",
         temperature=1.0,
+        on_policy=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -48,11 +62,34 @@ class KDTrainer(Trainer):
         # Trainer counts the valid tokens of every optimizer step (all micro-batches, gathered over ranks)
         # only for models that take loss kwargs; our loss always uses that count.
         self.model_accepts_loss_kwargs = True
-        # Running sums between two logs: ce, label tokens, input tokens, combined kd, then kd per teacher.
-        self._sums = torch.zeros(4 + len(self.teachers), dtype=torch.float64, device=self.args.device)
+        self.on_policy = on_policy  # OnPolicySettings or None
+        self._micro = (-1, 0)  # (global step, micro-batch index within it)
+        self._lmbda = 0.0
+        # Running sums between two logs, see SUMS; then the kd of each teacher.
+        self._sums = torch.zeros(len(SUMS) + len(self.teachers), dtype=torch.float64, device=self.args.device)
         self._log_clock = time.perf_counter()
 
+    def _generated_batch(self, model, inputs) -> tuple[dict, str | None, float]:
+        """(batch to train on, which policy sampled it or None, seconds spent sampling)."""
+        step = self.state.global_step
+        self._micro = (step, self._micro[1] + 1) if self._micro[0] == step else (step, 0)
+        settings = self.on_policy
+        self._lmbda = settings.schedule.value(step, self.state.max_steps)
+        student_turn = is_on_policy(self._lmbda, self.args.seed, step, self._micro[1])
+        if not (student_turn or settings.seq_kd):
+            return inputs, None, 0.0
+        start = time.perf_counter()
+        if student_turn:
+            generate, source = student_generate(self.accelerator.unwrap_model(model)), "student"
+        else:
+            generate, source = max(self.teachers, key=lambda t: t.spec.weight).generate, "teacher"
+        batch = sample_completions(generate, inputs, **settings.sampling)
+        return batch, source, time.perf_counter() - start
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        source, seconds = None, 0.0
+        if model.training and self.on_policy is not None:
+            inputs, source, seconds = self._generated_batch(model, inputs)
         labels = inputs["labels"]
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         # Logits at position t predict token t + 1: keep only positions whose next token is a label.
@@ -61,7 +98,9 @@ class KDTrainer(Trainer):
         student = outputs.logits[:, :-1][mask]  # (N, V_s)
         ce_sum = F.cross_entropy(student.float(), targets, reduction="sum")
         kd_sum, own_sums = ce_sum.new_zeros(()), [ce_sum.new_zeros(()) for _ in self.teachers]
-        if self.teachers and self.kd_ratio > 0:
+        # The student's own samples are scored by divergence alone (GKD); CE on them would teach nothing.
+        kd_ratio = 1.0 if source == "student" else self.kd_ratio
+        if self.teachers and kd_ratio > 0:
             rows = [teacher.rows(inputs, mask) for teacher in self.teachers]  # each (N, V_t), or sparse
             kd_sum, own_sums = combined_divergence(
                 student,
@@ -76,33 +115,52 @@ class KDTrainer(Trainer):
                 student_temperature=self.temperature,
             )
         n_tokens = targets.numel()
-        denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
-        loss = ((1.0 - self.kd_ratio) * ce_sum + self.kd_ratio * kd_sum) / denominator
-        if (
-            self.args.average_tokens_across_devices
-            and self.accelerator.num_processes > 1
-            and num_items_in_batch is not None
-        ):
-            # The denominator already counts every rank's tokens; DDP averages gradients over ranks.
-            loss = loss * self.accelerator.num_processes
+        loss = (1.0 - kd_ratio) * ce_sum + kd_ratio * kd_sum
+        if source is not None:
+            # Sampled lengths are unknown before sampling, so a generated micro-batch is its own token mean,
+            # averaged over the step's micro-batches (and over ranks by DDP).
+            loss = loss / max(n_tokens, 1) / self.current_gradient_accumulation_steps
+        else:
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1))
+            if (
+                self.args.average_tokens_across_devices
+                and self.accelerator.num_processes > 1
+                and num_items_in_batch is not None
+            ):
+                # The denominator already counts every rank's tokens; DDP averages gradients over ranks.
+                loss = loss * self.accelerator.num_processes
         if model.training:
-            counts = [float(n_tokens), float(inputs["attention_mask"].sum())]
-            step = [ce_sum.detach(), *map(ce_sum.new_tensor, counts), kd_sum.detach(), *own_sums]
+            counts = [
+                n_tokens,
+                inputs["attention_mask"].sum(),
+                1,
+                source == "student",
+                n_tokens if source else 0,
+                seconds,
+            ]
+            step = [ce_sum.detach(), *map(ce_sum.new_tensor, map(float, counts)), kd_sum.detach(), *own_sums]
             self._sums += torch.stack([v.double() for v in step]).to(self._sums.device)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log; every rank logs together, so the reduce below is safe
-            sums = self.accelerator.reduce(self._sums.clone(), reduction="sum")
-            n = max(float(sums[1]), 1.0)
-            logs["ce_loss"] = round(float(sums[0]) / n, 6)
+            totals = self.accelerator.reduce(self._sums.clone(), reduction="sum").tolist()
+            sums, per_teacher = dict(zip(SUMS, totals)), totals[len(SUMS) :]
+            n = max(sums["label_tokens"], 1.0)
+            logs["ce_loss"] = round(sums["ce"] / n, 6)
             if self.teachers:
-                logs["kd_loss"] = round(float(sums[3]) / n, 6)
+                logs["kd_loss"] = round(sums["kd"] / n, 6)
                 if len(self.teachers) > 1:
-                    for teacher, value in zip(self.teachers, sums[4:]):
-                        logs[f"kd_loss/{teacher.spec.name}"] = round(float(value) / n, 6)
+                    for teacher, value in zip(self.teachers, per_teacher):
+                        logs[f"kd_loss/{teacher.spec.name}"] = round(value / n, 6)
             now = time.perf_counter()
-            logs["tokens_per_second"] = round(float(sums[2]) / max(now - self._log_clock, 1e-9), 1)
+            elapsed = max(now - self._log_clock, 1e-9)
+            logs["tokens_per_second"] = round(sums["input_tokens"] / elapsed, 1)
+            if self.on_policy is not None:
+                logs["lmbda"] = round(self._lmbda, 6)
+                logs["on_policy_fraction"] = round(sums["on_policy"] / max(sums["micro_batches"], 1.0), 4)
+                logs["generated_tokens"] = sums["generated_tokens"]
+                logs["generation_time_share"] = round(sums["generation_seconds"] / elapsed, 4)
             self._log_clock = now
             self._sums.zero_()
         super().log(logs, start_time)
@@ -203,6 +261,7 @@ def prepare_run(cfg) -> KDRun:
         skew_alpha=d.skew_alpha,
         combine=d.combine,
         temperature=d.temperature,
+        on_policy=on_policy_settings(cfg, tokenizer, student),
     )
     return KDRun(cfg, trainer, tokenizer, train_examples, eval_examples, stats)
 

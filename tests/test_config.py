@@ -141,6 +141,10 @@ def test_pure_kd_self_teacher_warns(v1_config):
     raw["distillation"]["kd_ratio"] = 1.0
     cfg = load_config(raw)
     assert any("B matrices start at 0" in w for w in cfg.warnings)
+    raw["distillation"].update(kd_ratio=0.5, lmbda=1.0)
+    assert any("nothing trains" in w for w in load_config(raw).warnings)
+    raw["distillation"].update(lmbda=0.5)
+    assert not any("B matrices" in w for w in load_config(raw).warnings)
 
 
 def test_max_length_from_sft_key(v1_config):
@@ -258,7 +262,21 @@ BAD = [
     ),
     ("template-missing", [("dataset.template", "/nonexistent/t.jinja")], "$.dataset.template: no such file"),
     ("dropout-range", [("lora.dropout", 1.0)], "$.lora.dropout"),
-    ("on-policy-not-yet", [("distillation.lmbda", 0.5)], "$.distillation.lmbda"),
+    (
+        "on-policy-cached",
+        [("distillation.lmbda", 0.5), ("dataset.logits_path", "x.jsonl")],
+        "need teachers that score new text",
+    ),
+    (
+        "schedule-and-lmbda",
+        [("distillation.lmbda", 0.5), ("distillation.lmbda_schedule", {"start": 0, "end": 1})],
+        "keep one",
+    ),
+    (
+        "schedule-kind",
+        [("distillation.lmbda_schedule", {"start": 0, "end": 1, "kind": "exp"})],
+        "$.distillation.lmbda_schedule.kind",
+    ),
     (
         "train-only-logits-missing",
         [("dataset.logits_path", "/nonexistent/logits.jsonl")],

@@ -164,9 +164,12 @@ def _max_length(raw: dict[str, Any], data: dict[str, Any]) -> list[str]:
     return []
 
 
-def cross_field_problems(data: dict[str, Any], warnings: list[str]) -> list[str]:
-    """Rules that span blocks. `data` is schema-valid with defaults filled."""
+def cross_field_problems(
+    data: dict[str, Any], warnings: list[str], raw: dict[str, Any] | None = None
+) -> list[str]:
+    """Rules that span blocks. `data` is schema-valid with defaults filled; `raw` is what the file said."""
     problems: list[str] = []
+    raw_distill = (raw or data).get("distillation", {})
     job = data["job_type"]
     models, dataset, lora = data["models"], data["dataset"], data["lora"]
     distill = data["distillation"]
@@ -218,12 +221,17 @@ def cross_field_problems(data: dict[str, Any], warnings: list[str]) -> list[str]
         )
     if len(selfish) > 1:
         problems.append("$.models.teacher: the student can be its own teacher only once in a teacher list")
-    pure_kd = distill["kd_ratio"] == 1.0 and distill["lmbda"] == 0.0 and not distill["seq_kd"]
-    if selfish and lora["enable"] and pure_kd and len(entries) == 1 and not lora.get("init_from"):
+    schedule = distill.get("lmbda_schedule")
+    only_student_samples = (
+        (schedule["start"] == schedule["end"] == 1.0) if schedule else distill["lmbda"] == 1.0
+    )
+    no_cross_entropy = distill["kd_ratio"] == 1.0 or only_student_samples
+    if selfish and lora["enable"] and no_cross_entropy and len(entries) == 1 and not lora.get("init_from"):
         warnings.append(
-            "a fresh LoRA student equals its self-teacher (LoRA's B matrices start at 0), so with kd_ratio = 1 "
-            "and no on-policy data the KD loss and its gradient are exactly 0 and nothing trains; mix in "
-            "cross-entropy (kd_ratio < 1) or student samples (distillation.lmbda > 0)"
+            "a fresh LoRA student equals its self-teacher (LoRA's B matrices start at 0), so the KD term and its "
+            "gradient are exactly 0 on any text, the student's own samples included: only cross-entropy moves "
+            "it. With kd_ratio = 1, or lmbda = 1 (every batch is the student's samples, scored by KD alone), "
+            "nothing trains; use kd_ratio < 1 and lmbda < 1"
         )
 
     has_data = dataset.get("labeled_path") or (
@@ -241,12 +249,16 @@ def cross_field_problems(data: dict[str, Any], warnings: list[str]) -> list[str]
         and not dataset.get("labeled_path")
     ):
         problems.append(f"$.models.teacher: {job} needs a teacher to write the answers")
-    if distill["lmbda"] > 0 or distill["seq_kd"]:
-        key = "lmbda" if distill["lmbda"] > 0 else "seq_kd"
+    on_policy = distill["lmbda"] > 0 or bool(distill.get("lmbda_schedule")) or distill["seq_kd"]
+    if distill.get("lmbda_schedule") and "lmbda" in raw_distill:
+        problems.append("$.distillation.lmbda_schedule: given together with distillation.lmbda; keep one")
+    if on_policy and any(e.get("logits_path") for e in entries):
         problems.append(
-            f"$.distillation.{key}: on-policy distillation (student or teacher samples) is not in "
-            "this release yet; set lmbda to 0 and seq_kd to false"
+            "$.distillation.lmbda: on-policy and seq_kd batches need teachers that score new text; "
+            "stored logits only cover the dataset's tokens (remove logits_path or set lmbda to 0)"
         )
+    if on_policy and job.startswith("kd_black_box"):
+        problems.append(f"$.distillation.lmbda: {job} has no teacher distribution to match on generated text")
     if lora["enable"] is False and lora.get("save_merged_model"):
         warnings.append("$.lora.save_merged_model: ignored, LoRA is off (the full model is saved anyway)")
     return problems
@@ -268,7 +280,7 @@ def load_config(source: str | Path | dict[str, Any]) -> Config:
     data.setdefault("training", {}).setdefault("overwrite_output_dir", False)
     problems += _max_length(raw, data)
     warnings: list[str] = list(notes)
-    problems += cross_field_problems(data, warnings)
+    problems += cross_field_problems(data, warnings, raw)
     if problems:
         raise ConfigError(problems, where)
     return Config(data, schema(), where, warnings)

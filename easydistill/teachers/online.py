@@ -35,3 +35,15 @@ class OnlineTeacher:
         """The teacher's logits at the positions `mask` (B, T-1) selects: (N, V_t), row i predicting the
         same token as the student's row i."""
         return self.logits(batch)[:, :-1][mask]
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> torch.Tensor:
+        """Sample from the teacher, for sequence-level KD."""
+        self.model.eval()
+        if self.offload:
+            self.model.to(kwargs["input_ids"].device)
+        try:
+            return self.model.generate(**kwargs)
+        finally:
+            if self.offload:
+                self.model.to("cpu")

@@ -35,3 +35,11 @@ class SelfTeacher:
     def rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """(N, V) base-model logits at the positions `mask` (B, T-1) selects."""
         return self.logits(batch)[:, :-1][mask]
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> torch.Tensor:
+        """Sample from the base model (adapters disabled), for sequence-level KD."""
+        from easydistill.models import eval_mode
+
+        with eval_mode(self.model), self.model.disable_adapter():
+            return self.model.generate(**kwargs)
