@@ -26,6 +26,7 @@ from easydistill.errors import UserError
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+SPLITS = ("train", "eval")  # batch["sample_split"] holds the index into this tuple
 ROLES = ("system", "user", "assistant")
 TEXT_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion")
 V1_TEMPLATE = Path(__file__).parent / "templates" / "chatml_v1.jinja"
@@ -38,6 +39,7 @@ class TokenizedExample:
     labels: list[int]  # input_ids with IGNORE_INDEX on every non-response token
     prompt_len: int  # number of leading masked tokens
     sample_index: int = -1  # position in its split, set by build_dataset; -1 = not in a dataset
+    split: str = "train"  # which split sample_index counts in ("train" or "eval"), set by build_dataset
 
 
 @dataclass
@@ -481,7 +483,7 @@ def build_dataset(
     stats = DataStats(n_records=len(train_records) + len(eval_records))
     dropped: list[str] = []
 
-    def tokenize_all(recs: list[dict]) -> list[TokenizedExample]:
+    def tokenize_all(recs: list[dict], split: str) -> list[TokenizedExample]:
         out = []
         for rec in recs:
             example, full_len, truncated = _tokenize_record(rec, tokenizer, template_path, max_length)
@@ -491,12 +493,12 @@ def build_dataset(
                 stats.n_dropped += 1
                 dropped.append(rec["source"])
                 continue
-            example.sample_index = len(out)
+            example.sample_index, example.split = len(out), split
             stats.n_response_tokens += sum(t != IGNORE_INDEX for t in example.labels)
             out.append(example)
         return out
 
-    train, evaluation = tokenize_all(train_records), tokenize_all(eval_records)
+    train, evaluation = tokenize_all(train_records, "train"), tokenize_all(eval_records, "eval")
     if dropped:
         logger.warning(
             "dropped %d example(s) with no response token within max_length=%d, e.g. %s",
@@ -518,6 +520,9 @@ def build_dataset(
 class TokenizedDataset(torch.utils.data.Dataset):
     """Wraps a list of TokenizedExample; item i carries `sample_index = i` for teacher-row lookup.
 
+    Train and eval examples are numbered in their own split, so each item also carries `sample_split`
+    (0 train, 1 eval: the index into SPLITS, from the examples' `split`): (split, index) names one sample.
+
     With the Hugging Face Trainer set `remove_unused_columns=False`: otherwise it strips
     `sample_index` (not a forward() argument) before collation, and KDCollator refuses the batch.
     """
@@ -530,14 +535,19 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
-        return {"input_ids": ex.input_ids, "labels": ex.labels, "sample_index": i}
+        return {
+            "input_ids": ex.input_ids,
+            "labels": ex.labels,
+            "sample_index": i,
+            "sample_split": SPLITS.index(ex.split),
+        }
 
     def sample_id(self, i: int) -> str:
         return self.examples[i].sample_id
 
 
 class KDCollator:
-    """Right-pads a batch: input_ids / attention_mask / labels (B, L) and sample_index (B,)."""
+    """Right-pads a batch: input_ids / attention_mask / labels (B, L), sample_index and sample_split (B,)."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
@@ -546,9 +556,9 @@ class KDCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     @staticmethod
-    def _row(feature) -> tuple[list[int], list[int], int]:
+    def _row(feature) -> tuple[list[int], list[int], int, int]:
         if isinstance(feature, TokenizedExample):
-            return feature.input_ids, feature.labels, feature.sample_index
+            return feature.input_ids, feature.labels, feature.sample_index, SPLITS.index(feature.split)
         if not isinstance(feature, Mapping):
             raise TypeError(
                 f"KDCollator expects TokenizedExample or dict items, got {type(feature).__name__}"
@@ -562,29 +572,29 @@ class KDCollator:
             raise ValueError("batch item has no 'labels'; KDCollator never trains on unmasked prompts")
         ids = torch.as_tensor(feature["input_ids"]).tolist()
         labels = torch.as_tensor(feature["labels"]).tolist()
-        return ids, labels, int(feature["sample_index"])
+        return ids, labels, int(feature["sample_index"]), int(feature.get("sample_split", 0))
 
     def __call__(self, features) -> dict[str, torch.Tensor]:
         rows = [self._row(f) for f in features]
         if not rows:
             raise ValueError("KDCollator got an empty batch")
-        length = max(len(ids) for ids, _, _ in rows)
+        length = max(len(ids) for ids, *_ in rows)
         if self.pad_to_multiple_of:
             length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = len(rows)
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, length), dtype=torch.long)
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-        for b, (ids, labs, _) in enumerate(rows):
+        for b, (ids, labs, *_) in enumerate(rows):
             if len(labs) != len(ids):
                 raise ValueError(f"batch item {b}: {len(labs)} labels for {len(ids)} input ids")
             input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[b, : len(ids)] = 1
             labels[b, : len(ids)] = torch.tensor(labs, dtype=torch.long)
-        sample_index = torch.tensor([idx for _, _, idx in rows], dtype=torch.long)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "sample_index": sample_index,
+            "sample_index": torch.tensor([row[2] for row in rows], dtype=torch.long),
+            "sample_split": torch.tensor([row[3] for row in rows], dtype=torch.long),
         }

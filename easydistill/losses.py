@@ -8,6 +8,8 @@ Pure tensor code: imports torch only. Conventions (see docs/losses.md for the ma
 - No T² scaling (GKD / TRL convention); callers that want Hinton's scaling multiply by T² themselves.
 - Padded vocabularies: both sides are cut to ``vocab_size`` (default: the smaller last dim) before
   the softmax, so padding rows never receive probability mass.
+- Stored (top-k) teachers: ``SparseRows`` offers the same divergences on the k stored ids + one tail
+  bucket, the student collapsed onto them (docs/losses.md, "Sparse (top-k) teachers").
 """
 
 from __future__ import annotations
@@ -111,7 +113,16 @@ def per_token_divergence(
     vocab = _shared_vocab(student_logits, teacher_logits, vocab_size)
     log_s = _log_probs(student_logits, vocab, temperature)
     log_t = _log_probs(teacher_logits, vocab, temperature)
+    return _divergence_of_log_probs(log_s, log_t, kind, beta, skew_alpha)
 
+
+def _divergence_of_log_probs(
+    log_s: Tensor, log_t: Tensor, kind: str, beta: float, skew_alpha: float
+) -> Tensor:
+    """(..., C), (..., C) finite log-probabilities of the student and the teacher -> (...) divergence.
+
+    C is the vocabulary for dense rows, or the k stored ids + one tail bucket for sparse rows.
+    """
     if kind == "forward_kld" or (kind == "jsd" and beta == 0.0):
         return _kl(log_t, log_s)
     if kind == "reverse_kld" or (kind == "jsd" and beta == 1.0):
@@ -243,3 +254,115 @@ def token_sums(
             vocab_size=vocab_size,
         ).sum()
     return ce_sum, kd_sum, n_tokens
+
+
+# ---------------------------------------------------------------- sparse (top-k) teachers
+
+
+class SparseRows:
+    """Stored teacher rows: for each of N positions the k most likely token ids plus one tail bucket.
+
+    ids        (N, K) int64 token ids; -1 marks an unused slot (a row that stored fewer than K ids)
+    log_probs  (N, K) the teacher's raw log-probabilities of those ids: log_softmax of its logits at
+               temperature 1 over the first `vocab_width` columns (any float dtype; fp16 on disk)
+    tail       (N,) log of the mass outside the stored ids, log(1 − Σ p_k); -inf when nothing is left
+
+    Divergences are taken between two distributions over the same K + 1 categories (the K ids and the
+    tail): the teacher's stored one, and the student's collapsed onto the same ids plus its own remaining
+    mass. At temperature T the teacher's K + 1 log-masses are divided by T and renormalised; the tail is
+    treated as one token, which is exact at T = 1 or when the tail is empty (k = V), approximate otherwise
+    (see docs/losses.md, "Sparse (top-k) teachers"). The same methods as dense rows are offered to
+    teachers/ensemble.py; nothing here builds a (batch, seq, vocab) tensor.
+    """
+
+    def __init__(self, ids: Tensor, log_probs: Tensor, tail: Tensor, vocab_width: int):
+        if ids.dim() != 2 or log_probs.shape != ids.shape or tail.shape != ids.shape[:1]:
+            raise ValueError(
+                f"expected ids (N, K), log_probs (N, K), tail (N,); got {tuple(ids.shape)}, "
+                f"{tuple(log_probs.shape)}, {tuple(tail.shape)}"
+            )
+        if ids.numel() and int(ids.max()) >= vocab_width:
+            raise ValueError(f"a stored token id ({int(ids.max())}) is outside vocab_width={vocab_width}")
+        self.ids, self.log_probs, self.tail = ids.long(), log_probs, tail
+        self.vocab_width = int(vocab_width)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows) -> SparseRows:
+        """A subset of the positions (a slice, index tensor or bool mask over N), e.g. for chunked losses."""
+        return SparseRows(self.ids[rows], self.log_probs[rows], self.tail[rows], self.vocab_width)
+
+    def to(self, device) -> SparseRows:
+        return SparseRows(
+            self.ids.to(device), self.log_probs.to(device), self.tail.to(device), self.vocab_width
+        )
+
+    def teacher_log_probs(self, temperature: float = 1.0) -> Tensor:
+        """(N, K + 1) fp32: log p over the K ids then the tail, divided by T and renormalised."""
+        raw = torch.cat([self.log_probs.float(), self.tail.float().unsqueeze(-1)], dim=-1)
+        unused = torch.cat([self.ids < 0, torch.zeros_like(self.ids[:, :1], dtype=torch.bool)], dim=-1)
+        raw = raw.masked_fill(unused, -math.inf)
+        return F.log_softmax((raw / temperature).clamp(min=_LOGIT_FLOOR), dim=-1)
+
+    def student_log_probs(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+        """(N, V_s) student logits -> (N, K + 1) fp32: log q of the K ids, then of every other token together.
+
+        The student is cut to `vocab_width` columns first, as dense KD cuts to the shared width.
+        """
+        if student_logits.shape[0] != len(self) or student_logits.shape[-1] < self.vocab_width:
+            raise ValueError(
+                f"student rows {tuple(student_logits.shape)} do not match {len(self)} stored rows of "
+                f"width {self.vocab_width}"
+            )
+        log_q = _log_probs(student_logits, self.vocab_width, temperature)  # (N, W)
+        valid = self.ids >= 0
+        index = self.ids.clamp(min=0)
+        top = log_q.gather(-1, index).masked_fill(~valid, _LOGIT_FLOOR)  # (N, K)
+        # An id may be listed once per row, but unused slots all point at column 0: count, do not assign.
+        stored = torch.zeros_like(log_q).scatter_add_(-1, index, valid.float()) > 0  # (N, W)
+        # masked_fill blocks the gradient to the stored columns; the floor keeps an empty tail finite.
+        tail = torch.logsumexp(log_q.masked_fill(stored, _LOGIT_FLOOR), dim=-1, keepdim=True)
+        return torch.cat([top, tail], dim=-1)
+
+    def per_token_divergence(
+        self,
+        student_logits: Tensor,
+        kind: str,
+        *,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        skew_alpha: float = 0.1,
+    ) -> Tensor:
+        """(N, V_s) student logits -> (N,) divergence on the K + 1 categories (same kinds as dense)."""
+        _check_params(kind, beta, temperature, skew_alpha)
+        log_s = self.student_log_probs(student_logits, temperature)
+        log_t = self.teacher_log_probs(temperature)
+        return _divergence_of_log_probs(log_s, log_t, kind, beta, skew_alpha)
+
+    def _tail_log_share(self, log_t: Tensor, width: int) -> Tensor:
+        """(N,) log-probability of one tail token: the tail mass spread evenly over the unstored ids."""
+        n_stored = ((self.ids >= 0) & (self.ids < width)).sum(-1)
+        rest = (width - n_stored).clamp(min=1).float()
+        share = log_t[:, -1] - rest.log()
+        return torch.where(width - n_stored > 0, share, torch.full_like(share, -math.inf))
+
+    def gold_log_prob(self, targets: Tensor, temperature: float = 1.0) -> Tensor:
+        """(N,) log-probability of each label token: its stored value, else an even share of the tail."""
+        log_t = self.teacher_log_probs(temperature)
+        hit = (self.ids == targets.unsqueeze(-1)) & (self.ids >= 0)  # (N, K)
+        stored = log_t[:, :-1].masked_fill(~hit, -math.inf).amax(-1)
+        value = torch.where(hit.any(-1), stored, self._tail_log_share(log_t, self.vocab_width))
+        return torch.where(targets < self.vocab_width, value, torch.full_like(value, -math.inf))
+
+    def dense_log_probs(self, width: int, temperature: float = 1.0) -> Tensor:
+        """(N, width) log-probabilities with the tail spread evenly over the unstored ids (for `mixture`).
+
+        This is the one place a full row is built: (N, width) like the student's own rows, never per batch
+        and sequence position of the whole vocabulary.
+        """
+        log_t = self.teacher_log_probs(temperature)
+        dense = self._tail_log_share(log_t, width).clamp(min=_LOGIT_FLOOR).unsqueeze(-1).repeat(1, width)
+        rows, slots = ((self.ids >= 0) & (self.ids < width)).nonzero(as_tuple=True)
+        dense[rows, self.ids[rows, slots]] = log_t[rows, slots]
+        return F.log_softmax(dense, dim=-1)  # ids past `width` left mass behind: renormalise

@@ -137,27 +137,70 @@ def _check_lora(cfg: Config, problems: list[str], report: PreflightReport):
 def _check_data(cfg: Config, problems: list[str]):
     from easydistill.data import validate_data_file
 
+    answering = cfg.job_type in ("kd_white_box", "kd_black_box_local") and bool(cfg.dataset.instruction_path)
     for key in ("labeled_path", "eval_path", "instruction_path"):
         path = getattr(cfg.dataset, key)
         if not path:
             continue
         if not Path(path).is_file():
+            if key == "labeled_path" and answering:
+                continue  # the teacher writes it from instruction_path before training
             problems.append(f"$.dataset.{key}: no such file {path!r}")
             continue
         try:
-            validate_data_file(path)
+            validate_data_file(path, prompts=key == "instruction_path")
         except UserError as exc:
             problems.append(f"$.dataset.{key}: {exc}")
     template = cfg.dataset.template
     if template and not Path(template).is_file():
         problems.append(f"$.dataset.template: no such file {template!r}")
+    _check_logits(cfg, problems)
+
+
+def _check_logits(cfg: Config, problems: list[str]):
+    """Stored teacher logits: there (a complete store or a v1 file), or computable by this job."""
+    from easydistill.logits_store import COMPUTE_HINT, is_complete, partial_path, store_location
+
     trains_from_files = cfg.job_type.endswith(("train_only", "multi"))
-    for teacher in cfg.teachers:
-        if trains_from_files and teacher.kind == "cached" and not Path(teacher.logits_path).exists():
-            where = "$.dataset.logits_path" if len(cfg.teachers) == 1 else f"teacher {teacher.name!r}"
+    cached = [t for t in cfg.teachers if t.kind == "cached"]
+    for teacher in cached:
+        where = "$.dataset.logits_path" if len(cfg.teachers) == 1 else f"teacher {teacher.name!r}"
+        given = Path(teacher.logits_path)
+        if cfg.dataset.logits_format == "easydistill_v1" and given.is_dir():
             problems.append(
-                f"{where}: no stored teacher logits at {teacher.logits_path!r} "
-                f"({cfg.job_type} trains from existing files; kd_white_box computes them)"
+                f"{where}: {str(given)!r} is a folder, but dataset.logits_format says a v1 JSONL file"
+            )
+            continue
+        if cfg.dataset.logits_format == "store" and given.is_file():
+            problems.append(
+                f"{where}: {str(given)!r} is a file, but dataset.logits_format says a store folder"
+            )
+            continue
+        store, v1_file = store_location(cfg, teacher)
+        if is_complete(store) or (v1_file is not None and v1_file.is_file()):
+            continue
+        if v1_file is not None:
+            problems.append(f"{where}: no such EasyDistill v1 logits file {str(v1_file)!r}")
+            continue
+        if store.exists() and (not store.is_dir() or any(store.iterdir())):
+            problems.append(
+                f"{where}: {str(store)!r} exists but is not a teacher-logits store (no index.json)"
+            )
+            continue
+        state = (
+            "an unfinished store (kd.infer resumes it)"
+            if partial_path(store).exists()
+            else "no stored teacher logits"
+        )
+        if trains_from_files:
+            problems.append(
+                f"{where}: {state} at {str(store)!r} ({cfg.job_type} trains from existing files; use "
+                f"kd_white_box, or {COMPUTE_HINT})"
+            )
+        elif cfg.job_type == "kd_white_box" and not (teacher.path and Path(teacher.path).is_dir()):
+            problems.append(
+                f"{where}: {state} at {str(store)!r}, and no teacher model folder to compute them from "
+                "(models.teacher)"
             )
 
 

@@ -17,7 +17,6 @@ __all__ = ["OnlineTeacher", "SelfTeacher", "build_teachers"]
 def build_teachers(cfg, student_model, device):
     import torch
 
-    from easydistill.errors import UserError
     from easydistill.models import load_frozen_teacher
 
     teachers = []
@@ -28,9 +27,8 @@ def build_teachers(cfg, student_model, device):
             offload = cfg.models.teacher_offload
             model = load_frozen_teacher(spec.path, cfg, torch.device("cpu") if offload else device)
             teachers.append(OnlineTeacher(spec, model, offload=offload))
-        else:
-            raise UserError(
-                f"teacher {spec.name!r}: training from stored teacher logits ({spec.logits_path}) is not in this "
-                "release yet; remove dataset.logits_path (or the teacher's logits_path) to run the teacher online"
-            )
+        else:  # stored logits: kd.infer (or kd.train, before this) made sure the store is complete
+            from easydistill.teachers.cached import CachedTeacher
+
+            teachers.append(CachedTeacher.open(spec, cfg))
     return teachers

@@ -1,0 +1,1 @@
+"""Benchmarks: measurements, not tests. Run one with `python -m benchmarks.<name>`."""
