@@ -49,13 +49,13 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def load_and_check(config_path: str, *, check_output_dir: bool = True):
+def load_and_check(config_path: str, *, check_output_dir: bool = True, computing_stores: bool = False):
     """The validation every entry point runs first: schema, cross-field rules, then preflight."""
     from easydistill.config import load_config
     from easydistill.preflight import preflight
 
     cfg = load_config(config_path)
-    report = preflight(cfg, check_output_dir=check_output_dir)
+    report = preflight(cfg, check_output_dir=check_output_dir, computing_stores=computing_stores)
     for line in cfg.warnings:
         print0(f"warning: {line}")
     for line in report.notes:

@@ -17,16 +17,17 @@ from pathlib import Path
 
 import torch
 
-from easydistill.data import KDCollator, TokenizedExample, build_dataset, tokenized_hash
+from easydistill.data import DataStats, KDCollator, TokenizedExample, build_dataset, tokenized_hash
 from easydistill.errors import UserError
 from easydistill.logits_store import StoreWriter, is_complete, partial_path, store_location
 
 ROW_CHUNK = 1024  # label rows per log_softmax: bounds the fp32 copy of the logits for large vocabularies
 
 
-def training_examples(cfg, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    """(train, eval) exactly as trainer.prepare_run builds them (same split, truncation and max_samples)."""
-    train, evaluation, _ = build_dataset(
+def training_examples(cfg, tokenizer) -> tuple[list[TokenizedExample], list[TokenizedExample], DataStats]:
+    """(train, eval, stats): the one place examples are built, for scoring and for training alike (same split,
+    truncation and max_samples), so that stored rows always describe the tokens training sees."""
+    train, evaluation, stats = build_dataset(
         cfg.dataset.labeled_path,
         tokenizer,
         template_path=cfg.dataset.template,
@@ -37,7 +38,7 @@ def training_examples(cfg, tokenizer) -> tuple[list[TokenizedExample], list[Toke
     )
     if cfg.dataset.max_samples:
         train = train[: cfg.dataset.max_samples]
-    return train, evaluation
+    return train, evaluation, stats
 
 
 def sample_list(train, evaluation) -> dict[str, list[tuple[str, str]]]:
@@ -219,7 +220,9 @@ def _examples(cfg, shared: dict):
         from easydistill.models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.models.student, cfg.models.trust_remote_code)
-        shared.update(zip(("tokenizer", "train", "eval"), (tokenizer, *training_examples(cfg, tokenizer))))
+        shared.update(
+            zip(("tokenizer", "train", "eval"), (tokenizer, *training_examples(cfg, tokenizer)[:2]))
+        )
     return shared["tokenizer"], shared["train"], shared["eval"]
 
 

@@ -134,7 +134,7 @@ def _check_lora(cfg: Config, problems: list[str], report: PreflightReport):
             )
 
 
-def _check_data(cfg: Config, problems: list[str]):
+def _check_data(cfg: Config, problems: list[str], computing_stores: bool = False):
     from easydistill.data import validate_data_file
 
     answering = cfg.job_type in ("kd_white_box", "kd_black_box_local") and bool(cfg.dataset.instruction_path)
@@ -154,11 +154,12 @@ def _check_data(cfg: Config, problems: list[str]):
     template = cfg.dataset.template
     if template and not Path(template).is_file():
         problems.append(f"$.dataset.template: no such file {template!r}")
-    _check_logits(cfg, problems)
+    _check_logits(cfg, problems, computing_stores)
 
 
-def _check_logits(cfg: Config, problems: list[str]):
-    """Stored teacher logits: there (a complete store or a v1 file), or computable by this job."""
+def _check_logits(cfg: Config, problems: list[str], computing_stores: bool):
+    """Stored teacher logits: there (a complete store or a v1 file), or computable by this job (kd_white_box,
+    or kd.infer: `computing_stores`)."""
     from easydistill.logits_store import COMPUTE_HINT, is_complete, partial_path, store_location
 
     trains_from_files = cfg.job_type.endswith(("train_only", "multi"))
@@ -192,12 +193,14 @@ def _check_logits(cfg: Config, problems: list[str]):
             if partial_path(store).exists()
             else "no stored teacher logits"
         )
-        if trains_from_files:
+        if trains_from_files and not computing_stores:
             problems.append(
                 f"{where}: {state} at {str(store)!r} ({cfg.job_type} trains from existing files; use "
                 f"kd_white_box, or {COMPUTE_HINT})"
             )
-        elif cfg.job_type == "kd_white_box" and not (teacher.path and Path(teacher.path).is_dir()):
+        elif (cfg.job_type == "kd_white_box" or computing_stores) and not (
+            teacher.path and Path(teacher.path).is_dir()
+        ):
             problems.append(
                 f"{where}: {state} at {str(store)!r}, and no teacher model folder to compute them from "
                 "(models.teacher)"
@@ -216,8 +219,12 @@ def _check_output_dir(cfg: Config, problems: list[str]):
         )
 
 
-def preflight(cfg: Config, *, check_output_dir: bool = True) -> PreflightReport:
-    """Every file-level problem at once, as a ConfigError; a report of what was found otherwise."""
+def preflight(
+    cfg: Config, *, check_output_dir: bool = True, computing_stores: bool = False
+) -> PreflightReport:
+    """Every file-level problem at once, as a ConfigError; a report of what was found otherwise.
+
+    computing_stores: the caller (kd.infer) computes missing teacher-logit stores, so they may be absent."""
     problems: list[str] = []
     report = PreflightReport()
     folders: dict[str, str] = {}
@@ -236,7 +243,7 @@ def preflight(cfg: Config, *, check_output_dir: bool = True) -> PreflightReport:
         _compare_tokenizers(cfg, folders, problems, report)
         if cfg.lora.enable:
             _check_lora(cfg, problems, report)
-    _check_data(cfg, problems)
+    _check_data(cfg, problems, computing_stores)
     if check_output_dir:
         _check_output_dir(cfg, problems)
     if problems:

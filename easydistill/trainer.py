@@ -210,9 +210,10 @@ def prepare_run(cfg) -> KDRun:
     from transformers.utils import logging as hf_logging
 
     from easydistill.cli import print0
-    from easydistill.data import KDCollator, TokenizedDataset, build_dataset
+    from easydistill.data import KDCollator, TokenizedDataset
     from easydistill.errors import UserError
     from easydistill.models import load_student, load_tokenizer, trainable_summary
+    from easydistill.precompute import training_examples
     from easydistill.teachers import build_teachers
 
     hf_logging.disable_progress_bar()  # per-file loading bars; the training bar is Trainer's own
@@ -220,17 +221,7 @@ def prepare_run(cfg) -> KDRun:
     set_seed(args.seed)
     m, d = cfg.models, cfg.distillation
     tokenizer = load_tokenizer(m.student, m.trust_remote_code)
-    train_examples, eval_examples, stats = build_dataset(
-        cfg.dataset.labeled_path,
-        tokenizer,
-        template_path=cfg.dataset.template,
-        max_length=cfg.max_length,
-        eval_ratio=cfg.dataset.eval_ratio,
-        eval_path=cfg.dataset.eval_path,
-        seed=cfg.dataset.seed,
-    )
-    if cfg.dataset.max_samples:
-        train_examples = train_examples[: cfg.dataset.max_samples]
+    train_examples, eval_examples, stats = training_examples(cfg, tokenizer)
     print0(f"data: {stats.summary()}; {len(train_examples)} train / {len(eval_examples)} eval examples")
     if not train_examples:
         raise UserError(f"$.dataset.labeled_path: no training example left ({stats.summary()})")

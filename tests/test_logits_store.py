@@ -163,7 +163,7 @@ def test_interrupted_infer_resumes_with_finished_shards(tiny_pair, data, tmp_pat
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair[1])
     cfg = load_config(kd_config(tiny_pair, data, tmp_path / "out"))
-    train, evaluation = training_examples(cfg, tokenizer)
+    train, evaluation, _ = training_examples(cfg, tokenizer)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval()
     width = _embedding_rows(str(tiny_pair[1]))
     # 200-byte shards: a new shard every example or two, so a crash leaves several finished ones behind.

@@ -178,3 +178,23 @@ def test_white_box_writes_answers_scores_them_then_trains(tiny_pair, tmp_path):
     history = json.loads((tmp_path / "out/trainer_state.json").read_text())["log_history"]
     assert math.isfinite(history[0]["kd_loss"]) and history[0]["kd_loss"] > 0
     assert load_config(raw).teachers[0].kind == "cached"
+
+
+def test_v1_multi_teacher_shape_runs(tiny_pair, data, tmp_path, capsys):
+    """EasyDistill v1's kd_white_box_train_only_multi: a list of teacher folders paired by position with a
+    list of v1 logits files, run by kd.multi_train."""
+    from easydistill.kd.multi_train import main
+
+    first = write_v1_logits(tiny_pair, data, tmp_path / "teacher0.json")
+    second = write_v1_logits(tiny_pair, data, tmp_path / "teacher1.json", k=2)
+    raw = kd_config(tiny_pair, data, tmp_path / "out", training={"max_steps": 2})
+    raw["job_type"] = "kd_white_box_train_only_multi"
+    raw["models"]["teacher"] = [str(tiny_pair[0]), str(tiny_pair[0])]
+    raw["dataset"]["logits_path"] = [str(first), str(second)]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    code, err = _exit_code(main, ["--config", str(tmp_path / "config.json")], capsys)
+    assert code == 0, err
+    log = json.loads((tmp_path / "out/trainer_state.json").read_text())["log_history"]
+    names = [k for k in log[0] if k.startswith("kd_loss/")]
+    assert len(names) == 2 and all(log[0][k] > 0 for k in names)
+    assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)

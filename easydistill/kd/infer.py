@@ -16,21 +16,6 @@ from __future__ import annotations
 from easydistill.cli import config_parser, load_and_check, print0, run
 
 
-def _load(config_path: str):
-    """The checks every entry point runs, except that the stores this command computes may be missing."""
-    from easydistill.config import load_config
-    from easydistill.errors import ConfigError
-    from easydistill.logits_store import COMPUTE_HINT
-
-    try:
-        return load_and_check(config_path, check_output_dir=False)[0]
-    except ConfigError as exc:
-        left = [p for p in exc.problems if not p.endswith(f"{COMPUTE_HINT})")]
-        if left:
-            raise ConfigError(left, exc.source) from None
-    return load_config(config_path)
-
-
 def main(argv=None) -> int:
     parser = config_parser("python -m easydistill.kd.infer", __doc__.splitlines()[0])
     parser.add_argument(
@@ -39,7 +24,7 @@ def main(argv=None) -> int:
         help="an EasyDistill v1 logits JSONL (one line per labeled record) to convert into the teacher's store",
     )
     args = parser.parse_args(argv)
-    cfg = _load(args.config)
+    cfg, _ = load_and_check(args.config, check_output_dir=False, computing_stores=True)
     from easydistill.logits_store import store_location
     from easydistill.precompute import prepare_teacher_outputs
 
