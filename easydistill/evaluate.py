@@ -14,7 +14,8 @@ eval mode under no_grad for the measurement and handed back in the mode they cam
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,123 @@ def make_batches(examples, pad_token_id: int, batch_size: int = 64) -> list[dict
     return [collate(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 
+class ModelRows:
+    """A model seen as a teacher: `rows(batch, mask)` gives its (N, V) logits at the label positions."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def rows(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        inputs = {k: batch[k].to(_device(self.model)) for k in ("input_ids", "attention_mask")}
+        return self.model(**inputs).logits[:, :-1][mask.to(_device(self.model))].to(mask.device)
+
+
+JSD_BETA = 0.5  # the symmetric Jensen-Shannon divergence: bounded by log 2, defined where KL is infinite
+
+
+def _teacher_top1(rows) -> torch.Tensor:
+    """(N,) the teacher's most likely token id: argmax of dense logits, or the best stored id of sparse rows."""
+    if torch.is_tensor(rows):
+        return rows.float().argmax(-1)
+    scores = rows.log_probs.float().masked_fill(rows.ids < 0, -math.inf)
+    return rows.ids.gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _versus(s_rows: torch.Tensor, rows) -> dict[str, float]:
+    """Sums over N positions of the student's (N, V_s) logits against one teacher's rows (dense or sparse)."""
+    if torch.is_tensor(rows):
+        rows = rows.to(s_rows.device)
+        shared = min(s_rows.shape[-1], rows.shape[-1])
+        kl = losses.per_token_divergence(s_rows, rows, "forward_kld")
+        jsd = losses.per_token_divergence(s_rows, rows, "jsd", beta=JSD_BETA)
+        sums = {"agree": (s_rows[:, :shared].argmax(-1) == rows[:, :shared].float().argmax(-1)).sum()}
+    else:  # stored top-k: the divergences on the k stored ids + the tail bucket (losses.SparseRows)
+        rows = rows.to(s_rows.device)
+        kl = rows.per_token_divergence(s_rows, "forward_kld")
+        jsd = rows.per_token_divergence(s_rows, "jsd", beta=JSD_BETA)
+        student_argmax = s_rows[:, : rows.vocab_width].argmax(-1)
+        stored = rows.log_probs.float().masked_fill(rows.ids < 0, -math.inf)
+        sums = {
+            "agree": (student_argmax == _teacher_top1(rows)).sum(),
+            "topk_mass": stored.logsumexp(-1).exp().sum(),  # the teacher's mass on its stored ids
+            # the student's mass on the same ids (its distribution cut to the store's width)
+            "student_topk_mass": rows.student_log_probs(s_rows)[:, :-1].logsumexp(-1).exp().sum(),
+        }
+    sums.update(kl=kl.sum(), jsd=jsd.sum())
+    return {k: float(v) for k, v in sums.items()}
+
+
+def _own(rows, targets: torch.Tensor) -> dict[str, float]:
+    """Sums over N positions of a model's own figures on the labels: CE (nats) and top-1 accuracy."""
+    if torch.is_tensor(rows):
+        ce = F.cross_entropy(rows.float(), targets.to(rows.device), reduction="sum")
+    else:  # stored rows: a label outside the k stored ids gets an even share of the tail mass
+        ce = -rows.gold_log_prob(targets.to(rows.ids.device)).sum()
+    top1 = _teacher_top1(rows).to(targets.device)
+    return {"ce": float(ce), "correct": float((top1 == targets).sum())}
+
+
+def _per_token(sums: dict[str, float], n: int) -> dict:
+    out = {k: v / max(n, 1) for k, v in sums.items()}
+    if "ce" in out:
+        out["perplexity"] = math.exp(min(out["ce"], 700.0))
+        out["accuracy"] = out.pop("correct")
+    if "agree" in out:
+        out["top1_agreement"] = out.pop("agree")
+    return out
+
+
+def heldout_metrics(model, teachers: Mapping[str, object], batches: Iterable[dict]) -> dict:
+    """Per-token figures of `model` on labelled batches, and against each teacher; the teachers' own too.
+
+    teachers: name -> anything with `rows(batch, mask)` giving its (N, V_t) logits or stored `SparseRows` at the
+    positions `mask` (B, T-1) selects (the trainer's teachers, or `ModelRows(model)`).
+    Returns {"n_tokens", "model": {ce, perplexity, accuracy}, "teachers": {name: {ce, perplexity, accuracy}},
+    "versus": {name: {kl, jsd, top1_agreement[, topk_mass, student_topk_mass]}}}:
+      ce / perplexity  cross-entropy on the labels over the full vocabulary (nats per token), and exp(ce)
+      accuracy         argmax == label
+      kl               KL(p_teacher ‖ p_model) at temperature 1 on the shared vocabulary (`losses`)
+      jsd              Jensen-Shannon divergence, β = 0.5 (0 ≤ jsd ≤ log 2)
+      top1_agreement   the model's argmax is the teacher's
+      topk_mass        stored teachers: the teacher's probability mass on its k stored ids (1 − tail)
+      student_topk_mass  stored teachers: the model's mass on those same ids
+    For stored teachers, kl and jsd are those of the k ids + tail bucket (what training optimises, a lower
+    bound of the full divergence) and their own ce gives a label outside the k ids an even share of the tail.
+    """
+    model_sums: dict[str, float] = {}
+    teacher_sums: dict[str, dict[str, float]] = {name: {} for name in teachers}
+    versus_sums: dict[str, dict[str, float]] = {name: {} for name in teachers}
+    n_tokens = 0
+
+    def add(into: dict, values: dict) -> None:
+        for k, v in values.items():
+            into[k] = into.get(k, 0.0) + v
+
+    sources = [getattr(t, "model", None) for t in teachers.values()]
+    with _eval_mode(model, *[m for m in sources if isinstance(m, torch.nn.Module)]):
+        device = _device(model)
+        for batch in batches:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1)
+            targets = batch["labels"][:, 1:][mask]  # (N,)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+            s_rows = model(**inputs).logits[:, :-1][mask].float()  # (N, V_s)
+            add(model_sums, _own(s_rows, targets))
+            n_tokens += int(targets.numel())
+            for name, teacher in teachers.items():
+                rows = teacher.rows(batch, mask)
+                add(teacher_sums[name], _own(rows, targets))
+                add(versus_sums[name], _versus(s_rows, rows))
+    return {
+        "n_tokens": n_tokens,
+        "model": _per_token(model_sums, n_tokens),
+        "teachers": {name: _per_token(v, n_tokens) for name, v in teacher_sums.items()},
+        "versus": {name: _per_token(v, n_tokens) for name, v in versus_sums.items()},
+    }
+
+
 def teacher_forced_metrics(student, teacher, batches: Iterable[dict]) -> dict:
-    """Per-token figures of `student` on labelled batches, against `teacher` when one is given.
+    """Per-token figures of `student` on labelled batches, against `teacher` (a model) when one is given.
 
     batches: dicts with input_ids, attention_mask, labels (B, T), labels -100 where nothing is predicted.
     Returns
@@ -61,36 +177,17 @@ def teacher_forced_metrics(student, teacher, batches: Iterable[dict]) -> dict:
       top1_agreement  student argmax == teacher argmax on the shared vocabulary
       n_tokens        how many positions were counted
     kl and top1_agreement are None without a teacher. Both models see the same inputs in eval mode.
+    (`heldout_metrics` gives more: perplexity, JSD, several or stored teachers, the teachers' own figures.)
     """
-    ce_sum = kl_sum = 0.0
-    correct = agree = n_tokens = 0
-    with _eval_mode(student, teacher):
-        device = _device(student)
-        for batch in batches:
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-            labels = batch["labels"].to(device)
-            mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-            targets = labels[:, 1:][mask]  # (N,)
-            s_rows = student(**inputs).logits[:, :-1][mask].float()  # (N, V_s)
-            ce_sum += float(F.cross_entropy(s_rows, targets, reduction="sum"))
-            correct += int((s_rows.argmax(-1) == targets).sum())
-            n_tokens += int(targets.numel())
-            if teacher is None:
-                continue
-            t_inputs = {k: v.to(_device(teacher)) for k, v in inputs.items()}
-            t_rows = (
-                teacher(**t_inputs).logits[:, :-1][mask.to(_device(teacher))].to(device).float()
-            )  # (N, V_t)
-            kl_sum += float(losses.divergence(s_rows, t_rows, "forward_kld", reduction="sum"))
-            shared = min(s_rows.shape[-1], t_rows.shape[-1])
-            agree += int((s_rows[:, :shared].argmax(-1) == t_rows[:, :shared].argmax(-1)).sum())
-    n = max(n_tokens, 1)
+    teachers = {} if teacher is None else {"teacher": ModelRows(teacher)}
+    got = heldout_metrics(student, teachers, batches)
+    versus = got["versus"].get("teacher", {})
     return {
-        "ce": ce_sum / n,
-        "accuracy": correct / n,
-        "kl": kl_sum / n if teacher is not None else None,
-        "top1_agreement": agree / n if teacher is not None else None,
-        "n_tokens": n_tokens,
+        "ce": got["model"].get("ce", 0.0),
+        "accuracy": got["model"].get("accuracy", 0.0),
+        "kl": versus.get("kl") if teacher is not None else None,
+        "top1_agreement": versus.get("top1_agreement") if teacher is not None else None,
+        "n_tokens": got["n_tokens"],
     }
 
 

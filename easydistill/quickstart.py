@@ -4,12 +4,17 @@
     python -m easydistill.quickstart --fast          # a few steps on tiny data: a smoke run in seconds
 
 1. writes a synthetic task (`reverse`: "reverse: bdca" -> "acdb") as EasyDistill v1 {instruction, output}
-   JSONL: training records and held-out records disjoint from them, under WORKDIR/data;
-2. trains a teacher (Qwen2 architecture, hidden 96 x 3 layers) with cross-entropy through our own trainer,
-   once: it is cached in $EASYDISTILL_CACHE (default ~/.cache/easydistill) and copied to WORKDIR/models/teacher;
+   JSONL under WORKDIR/data: clean training records (the teacher's), the same records with 40% of the
+   outputs replaced by wrong answers (the students' distillation data, noisy as real data often is), and
+   held-out records disjoint from them;
+2. trains a teacher (Qwen2 architecture, hidden 96 x 3 layers) with cross-entropy on the clean records through
+   our own trainer, once: it is cached in $EASYDISTILL_CACHE (default ~/.cache/easydistill) and copied to
+   WORKDIR/models/teacher;
 3. builds a smaller random-init student (hidden 64 x 2 layers, same tokenizer) in WORKDIR/models/student;
-4. distils it with configs/quickstart.json, the same path as `python -m easydistill.kd.train`;
-5. trains the same student with cross-entropy only, at equal steps, as a baseline (skip: --no-baseline);
+4. distils it on the noisy records with configs/quickstart.json, the same path as
+   `python -m easydistill.kd.train` (which also writes report.md / report.json / loss_curves.png there);
+5. trains the same student with cross-entropy only on the same noisy records, at equal steps, as a baseline
+   (skip: --no-baseline);
 6. prints held-out figures before and after (CE, KL(teacher||student), top-1 agreement, exact match) and
    writes them to WORKDIR/report.json.
 
@@ -24,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -54,6 +60,11 @@ class Recipe:
     # The student's run comes from configs/quickstart.json; these override it when set.
     student_steps: int | None = None
     student_batch: int | None = None
+    # Share of the distillation records whose output is replaced by a wrong answer (see `corrupt`). The
+    # teacher learnt from clean labels, so it knows more than these labels say: what KD can pass on.
+    student_label_noise: float = 0.4
+    # Student initialisation and training order (data order, dropout); the teacher does not depend on it.
+    student_seed: int = 0
 
 
 FULL = Recipe()
@@ -68,12 +79,38 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def write_data(recipe: Recipe, data_dir: Path) -> tuple[list[dict], list[dict]]:
+def corrupt(records: list[dict], share: float, seed: int) -> tuple[list[dict], int]:
+    """(copy of `records` with round(share * n) outputs replaced by a wrong answer, how many were replaced).
+
+    A replaced output is a random string of the right length over the task's alphabet (digits for add and
+    sort, letters otherwise) that differs from the right answer: a labeller who sometimes answers garbage.
+    Which records, and their wrong answers, are a pure function of (records, share, seed).
+    """
+    rng = random.Random(f"easydistill.quickstart.noise:{seed}")
+    picked = set(rng.sample(range(len(records)), round(share * len(records))))
+    out = []
+    for i, record in enumerate(records):
+        if i in picked:
+            right = record["output"]
+            alphabet = synthetic.LETTERS if right.isalpha() else synthetic.DIGITS
+            wrong = right
+            while wrong == right:
+                wrong = "".join(rng.choice(alphabet) for _ in right)
+            record = {**record, "output": wrong}
+        out.append(record)
+    return out, len(picked)
+
+
+def write_data(recipe: Recipe, data_dir: Path) -> tuple[list[dict], list[dict], int]:
+    """train.jsonl (clean: the teacher's), distill.jsonl (the same instructions, a share of outputs wrong:
+    the student's), heldout.jsonl (clean, disjoint). Returns (train, heldout, number of corrupted outputs)."""
     train = synthetic.make_records(recipe.task, recipe.n_train, seed=recipe.data_seed)
     heldout = synthetic.make_records(recipe.task, recipe.n_heldout, seed=recipe.data_seed + 1, exclude=train)
+    distill, n_wrong = corrupt(train, recipe.student_label_noise, recipe.data_seed)
     write_jsonl(data_dir / "train.jsonl", train)
+    write_jsonl(data_dir / "distill.jsonl", distill)
     write_jsonl(data_dir / "heldout.jsonl", heldout)
-    return train, heldout
+    return train, heldout, n_wrong
 
 
 # ---------------------------------------------------------------- the teacher, trained once and cached
@@ -212,9 +249,10 @@ def kd_config(workdir: Path, recipe: Recipe, quiet: bool) -> dict:
     training = raw["training"]
     if recipe.student_steps is not None:
         training["max_steps"] = recipe.student_steps
-        training["logging_steps"] = max(recipe.student_steps // 6, 1)
+        training["logging_steps"] = training["eval_steps"] = max(recipe.student_steps // 6, 1)
     if recipe.student_batch is not None:
         training["per_device_train_batch_size"] = recipe.student_batch
+    training["seed"] = recipe.student_seed
     if quiet:
         training["disable_tqdm"] = True
     return raw
@@ -336,8 +374,12 @@ def run_quickstart(workdir: Path, recipe: Recipe, *, baseline: bool = True, quie
         shutil.rmtree(owned, ignore_errors=True)
 
     print0(f"[1/5] data: task {recipe.task!r}, e.g. {synthetic.make_records(recipe.task, 1)[0]}")
-    train, heldout = write_data(recipe, data_dir)
+    train, heldout, n_wrong = write_data(recipe, data_dir)
     print0(f"      {len(train)} training + {len(heldout)} held-out records (disjoint) in {data_dir}")
+    print0(
+        f"      the teacher learns from clean labels (train.jsonl); the students' copy (distill.jsonl) has "
+        f"{n_wrong} of {len(train)} outputs ({recipe.student_label_noise:.0%}) replaced by wrong answers"
+    )
 
     print0("[2/5] teacher: Qwen2, hidden {hidden_size} x {num_layers} layers".format(**tiny_models.TEACHER))
     tokenizer = tiny_models.build_tokenizer()
@@ -352,7 +394,8 @@ def run_quickstart(workdir: Path, recipe: Recipe, *, baseline: bool = True, quie
         )
     )
     student_dir = models_dir / "student"
-    tiny_models.build_model(student_dir, tokenizer=tokenizer, seed=recipe.seed + 1, **tiny_models.STUDENT)
+    student_init_seed = recipe.seed + 1 + recipe.student_seed
+    tiny_models.build_model(student_dir, tokenizer=tokenizer, seed=student_init_seed, **tiny_models.STUDENT)
 
     d, t = kd["distillation"], kd["training"]
     print0(
@@ -385,6 +428,7 @@ def run_quickstart(workdir: Path, recipe: Recipe, *, baseline: bool = True, quie
         "task": recipe.task,
         "recipe": dataclasses.asdict(recipe),
         "n_train": len(train),
+        "n_corrupted_labels": n_wrong,
         "n_heldout": len(heldout),
         "teacher_cached": reused,
         "teacher_cache": str(cached),
@@ -408,8 +452,10 @@ def print_report(report: dict, workdir: Path) -> None:
     versus = report["kd_vs_ce_only"]
     if versus:
         kl, em = versus["kl"], versus["exact_match"]
+        recipe = report["recipe"]
         print0(
-            f"KD vs CE-only at equal steps, one seed: KL {kl['kd']:.4g} vs {kl['ce_only']:.4g} ({kl['verdict']}); "
+            f"KD vs CE-only at equal steps (seed {recipe['student_seed']}, {report['n_corrupted_labels']} of "
+            f"{report['n_train']} training labels wrong): KL {kl['kd']:.4g} vs {kl['ce_only']:.4g} ({kl['verdict']}); "
             f"exact match {em['kd']:.4f} vs {em['ce_only']:.4f} ({em['verdict']})"
         )
     print0(f"report: {workdir / 'report.json'}  ({report['wall_time_s']:.0f} s)")
@@ -431,9 +477,19 @@ def main(argv=None) -> int:
         "--fast", action="store_true", help="a few steps on tiny data: a smoke run in seconds"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the cross-entropy-only student")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="student initialisation and data order (the teacher is unchanged)"
+    )
+    parser.add_argument(
+        "--label-noise",
+        type=float,
+        help=f"share of the students' training outputs made wrong (default {FULL.student_label_noise})",
+    )
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.label_noise is not None and not 0.0 <= args.label_noise <= 1.0:
+        parser.error("--label-noise must be in [0, 1]")
     import torch
 
     # Models this small gain nothing from intra-op threads: measured on 2 cores, teacher training ran at
@@ -442,6 +498,9 @@ def main(argv=None) -> int:
     recipe = FAST if args.fast else FULL
     if args.steps is not None:
         recipe = dataclasses.replace(recipe, student_steps=args.steps)
+    recipe = dataclasses.replace(recipe, student_seed=args.seed)
+    if args.label_noise is not None:
+        recipe = dataclasses.replace(recipe, student_label_noise=args.label_noise)
     workdir = Path(args.workdir)
     with _quiet_loading():
         report = run_quickstart(workdir, recipe, baseline=not args.no_baseline, quiet=args.fast)

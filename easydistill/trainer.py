@@ -264,17 +264,27 @@ def run_training(cfg, report=None) -> dict:
     from easydistill.cli import is_main_process, print0
     from easydistill.export import merge_adapter
     from easydistill.preflight import RUN_MARKER
+    from easydistill.report import attach_report
 
     run = prepare_run(cfg)
     trainer, m = run.trainer, cfg.models
     if is_main_process():
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         (cfg.output_dir / RUN_MARKER).write_text(cfg.to_json())
-    result = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint or None)
+    # Held-out figures before / after (and at each Trainer evaluation) for report.json, report.md, the plot.
+    reporter = attach_report(run, log=print0)
+    resume = cfg.training.resume_from_checkpoint or None
+    if reporter is not None and not resume:  # a resumed run's "before" is its checkpoint, loaded in train()
+        reporter.before()
+    result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     metrics.update({f"data_{k}": v for k, v in vars(run.stats).items()})
     if run.eval_examples:
         metrics.update(trainer.evaluate())
+    if reporter is not None:
+        after = reporter.after()
+        metrics.update({f"heldout_{k}": after[k] for k in ("ce", "exact_match") if after.get(k) is not None})
+        metrics.update({f"heldout_kl/{name}": v["kl"] for name, v in after["vs"].items()})
     trainer.save_model(str(cfg.output_dir))
     trainer.save_state()
     if cfg.lora.enable and cfg.lora.save_merged_model and trainer.is_world_process_zero():
@@ -290,5 +300,8 @@ def run_training(cfg, report=None) -> dict:
         )
     if trainer.is_world_process_zero():
         (cfg.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if reporter is not None:
+            reporter.write(metrics)
+            print0(f"report: {cfg.output_dir / 'report.md'} ({reporter.seconds:.1f} s of evaluation)")
     trainer.accelerator.wait_for_everyone()
     return metrics

@@ -70,6 +70,25 @@ def test_data_is_v1_jsonl_with_disjoint_held_out_records(first_run):
     assert all(set(r) == {"instruction", "output"} for r in train + heldout)
     assert all(synthetic.answer(None, r["instruction"]) == r["output"] for r in train + heldout)
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in heldout}
+    # the students' copy: the same instructions, the documented share of outputs wrong (same length)
+    distill = [json.loads(line) for line in (workdir / "data" / "distill.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in distill] == [r["instruction"] for r in train]
+    wrong = [d for d, r in zip(distill, train) if d["output"] != r["output"]]
+    assert (
+        len(wrong)
+        == round(FAST.student_label_noise * FAST.n_train)
+        == read_report(workdir)["n_corrupted_labels"]
+    )
+    assert all(len(d["output"]) == len(synthetic.answer(None, d["instruction"])) for d in wrong)
+
+
+def test_corrupt_is_seeded_and_exact():
+    records = synthetic.make_records("add", 50, seed=3)
+    once, n = quickstart.corrupt(records, 0.3, seed=7)
+    assert n == 15 and once == quickstart.corrupt(records, 0.3, seed=7)[0]
+    assert sum(a != b for a, b in zip(once, records)) == 15
+    assert all(a["output"].isdigit() for a in once)
+    assert quickstart.corrupt(records, 0.0, seed=7) == (records, 0)
 
 
 def test_the_shipped_config_validates_once_the_inputs_exist(first_run, monkeypatch, capsys):
