@@ -35,6 +35,7 @@ docs: $(STAMP)  ## regenerate docs/config.md from the schema
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.logits_store
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

@@ -244,19 +244,10 @@ def _dtype(name: str, arch: Arch) -> str:
 
 
 def loss_path(cfg) -> str:
-    """Which of compute_loss's paths the run takes (see `loss_terms`).
-
-    The loop is read, not assumed: a KDTrainer.compute_loss that goes through fused.kd_step_sums computes
-    logits at the label positions only (chunk_size 0) or a chunk at a time (chunk_size > 0); the older loop
-    takes the model's full (B, T, V) logits and ignores chunk_size. tests/test_plan.py measures a real step,
-    so a change of the loop that this accounting misses fails there.
-    """
-    import inspect
-
-    from easydistill.trainer import KDTrainer
-
-    if "kd_step_sums" not in inspect.getsource(KDTrainer.compute_loss):
-        return "full"
+    """Which of compute_loss's paths the run takes (see `loss_terms`): KDTrainer goes through
+    fused.kd_step_sums, which computes logits at the label positions only (chunk_size 0) or a chunk at a time
+    (chunk_size > 0). tests/test_plan.py measures a real step, so a change of the loop that this accounting
+    misses fails there."""
     return "fused" if (cfg.distillation.chunk_size or 0) > 0 else "label_rows"
 
 

@@ -11,11 +11,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
+from easydistill.fused import kd_step_sums
 from easydistill.on_policy import is_on_policy, on_policy_settings, sample_completions, student_generate
-from easydistill.teachers.ensemble import combined_divergence
 
 # What KDTrainer sums between two logs (order of its running-sums vector).
 SUMS = (
@@ -52,6 +51,7 @@ class KDTrainer(Trainer):
         combine="weighted_loss",
         temperature=1.0,
         on_policy=None,
+        chunk_size=0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -59,6 +59,7 @@ class KDTrainer(Trainer):
         self.kd_ratio = kd_ratio if self.teachers else 0.0
         self.kind, self.beta, self.skew_alpha = kind, beta, skew_alpha
         self.combine, self.temperature = combine, temperature
+        self.chunk_size = chunk_size  # > 0: the fused chunked loss (easydistill/fused.py)
         # Trainer counts the valid tokens of every optimizer step (all micro-batches, gathered over ranks)
         # only for models that take loss kwargs; our loss always uses that count.
         self.model_accepts_loss_kwargs = True
@@ -90,32 +91,24 @@ class KDTrainer(Trainer):
         source, seconds = None, 0.0
         if model.training and self.on_policy is not None:
             inputs, source, seconds = self._generated_batch(model, inputs)
-        labels = inputs["labels"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        # Logits at position t predict token t + 1: keep only positions whose next token is a label.
-        mask = labels[:, 1:] != -100  # (B, T-1)
-        targets = labels[:, 1:][mask]  # (N,)
-        student = outputs.logits[:, :-1][mask]  # (N, V_s)
-        ce_sum = F.cross_entropy(student.float(), targets, reduction="sum")
-        kd_sum, own_sums = ce_sum.new_zeros(()), [ce_sum.new_zeros(()) for _ in self.teachers]
         # The student's own samples are scored by divergence alone (GKD); CE on them would teach nothing.
         kd_ratio = 1.0 if source == "student" else self.kd_ratio
-        if self.teachers and kd_ratio > 0:
-            rows = [teacher.rows(inputs, mask) for teacher in self.teachers]  # each (N, V_t), or sparse
-            kd_sum, own_sums = combined_divergence(
-                student,
-                rows,
-                [t.spec.weight for t in self.teachers],
-                [t.spec.temperature for t in self.teachers],
-                targets,
-                combine=self.combine,
-                kind=self.kind,
-                beta=self.beta,
-                skew_alpha=self.skew_alpha,
-                student_temperature=self.temperature,
-            )
-        n_tokens = targets.numel()
-        loss = (1.0 - kd_ratio) * ce_sum + kd_ratio * kd_sum
+        sums = kd_step_sums(
+            model,
+            inputs,
+            self.teachers,
+            kd_ratio=kd_ratio,
+            kind=self.kind,
+            beta=self.beta,
+            skew_alpha=self.skew_alpha,
+            combine=self.combine,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+            return_outputs=return_outputs,
+        )
+        ce_sum, kd_sum, own_sums, n_tokens = sums.ce_sum, sums.kd_sum, sums.own_sums, sums.n_tokens
+        outputs = sums.outputs
+        loss = sums.objective  # (1 - kd_ratio) * ce_sum + kd_ratio * kd_sum, differentiable
         if source is not None:
             # Sampled lengths are unknown before sampling, so a generated micro-batch is its own token mean,
             # averaged over the step's micro-batches (and over ranks by DDP).
@@ -252,6 +245,7 @@ def prepare_run(cfg) -> KDRun:
         skew_alpha=d.skew_alpha,
         combine=d.combine,
         temperature=d.temperature,
+        chunk_size=d.chunk_size or 0,
         on_policy=on_policy_settings(cfg, tokenizer, student),
     )
     return KDRun(cfg, trainer, tokenizer, train_examples, eval_examples, stats)

@@ -37,6 +37,28 @@ class OnlineTeacher:
         return self.logits(batch)[:, :-1][mask]
 
     @torch.no_grad()
+    def hidden_rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """The teacher's final hidden states at the positions `mask` (B, T-1) selects: (N, H_t), without
+        computing any logits (`head_logits` turns a slice of them into logits, a chunk at a time)."""
+        self.model.eval()
+        device = batch["input_ids"].device
+        if self.offload:
+            self.model.to(device)
+        try:
+            return final_hidden_states(self.model, batch)[:, :-1][mask]
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+
+    @torch.no_grad()
+    def head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, H_t) hidden states -> (n, V_t) logits through the teacher's output head, written into `out` when
+        given and the head allows it (a plain Linear of out's dtype): check the result, not `out`."""
+        head = self.model.get_output_embeddings()
+        # offload: the head visits the device for this slice only, like the body in hidden_rows
+        return project(head, hidden, out, device=hidden.device if self.offload else None)
+
+    @torch.no_grad()
     def generate(self, **kwargs) -> torch.Tensor:
         """Sample from the teacher, for sequence-level KD."""
         self.model.eval()
@@ -47,3 +69,34 @@ class OnlineTeacher:
         finally:
             if self.offload:
                 self.model.to("cpu")
+
+
+def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, H) last hidden states (after the final norm) of a causal LM, with no logits computed: an empty
+    `logits_to_keep` leaves the head nothing to project."""
+    keep_none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        logits_to_keep=keep_none,
+        use_cache=False,
+    )
+    return out.hidden_states[-1]
+
+
+def project(head: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None, device=None):
+    """head(hidden) for (n, H) rows; a plain Linear head writes into `out` (n, V) when given and of its dtype,
+    so that a caller projecting many slices reuses one buffer instead of allocating (tokens x vocab) each time."""
+    # Mixed precision may hand over fp32 hidden states (accelerate converts outputs) for a bf16 head.
+    hidden = hidden.to(next(head.parameters()).dtype)
+    if type(head) is not torch.nn.Linear:
+        return head(hidden)
+    weight, bias = head.weight, head.bias
+    if device is not None:
+        weight = weight.to(device)
+        bias = None if bias is None else bias.to(device)
+    if out is None or out.dtype != weight.dtype or out.shape != (hidden.shape[0], weight.shape[0]):
+        return torch.nn.functional.linear(hidden, weight, bias)
+    torch.mm(hidden, weight.t(), out=out)
+    return out if bias is None else out.add_(bias)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from easydistill.config import TeacherSpec
+from easydistill.teachers.online import final_hidden_states, project
 
 
 class SelfTeacher:
@@ -35,6 +36,25 @@ class SelfTeacher:
     def rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """(N, V) base-model logits at the positions `mask` (B, T-1) selects."""
         return self.logits(batch)[:, :-1][mask]
+
+    @torch.no_grad()
+    def hidden_rows(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """(N, H) final hidden states of the base model at the positions `mask` (B, T-1) selects, without
+        computing any logits; `head_logits` projects them, a chunk at a time."""
+        from easydistill.models import eval_mode
+
+        with eval_mode(self.model), self.model.disable_adapter():
+            return final_hidden_states(self.model, batch)[:, :-1][mask]
+
+    @torch.no_grad()
+    def head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, H) -> (n, V) through the output head the student shares, with its adapters (a LoRA or
+        modules_to_save copy of the head, if any) disabled; into `out` when the head allows (see `project`)."""
+        head = self.model.get_output_embeddings()
+        if type(head) is torch.nn.Linear:  # a plain head has no adapter to switch off
+            return project(head, hidden, out)
+        with self.model.disable_adapter():
+            return project(head, hidden)
 
     @torch.no_grad()
     def generate(self, **kwargs) -> torch.Tensor:
