@@ -102,3 +102,18 @@ def eval_mode(model: torch.nn.Module):
     finally:
         for module, was_training in modes:
             module.training = was_training
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-file progress bars from transformers inside (loading and saving small models draws one per
+    call); the previous setting comes back on the way out. Trainer's training bar is its own and stays."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

@@ -24,7 +24,6 @@ Afterwards the KD run also works by itself: python -m easydistill.kd.train --con
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from easydistill import synthetic, tiny_models
 from easydistill.cli import print0
+from easydistill.models import quiet_loading
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PATH = REPO_ROOT / "configs" / "quickstart.json"
@@ -333,20 +333,6 @@ def compare(kd: dict, ce: dict, n_heldout: int) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _quiet_loading():
-    """Loading a 1 MB model draws a progress bar per call; the training bar is Trainer's own and stays."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -502,7 +488,7 @@ def main(argv=None) -> int:
     if args.label_noise is not None:
         recipe = dataclasses.replace(recipe, student_label_noise=args.label_noise)
     workdir = Path(args.workdir)
-    with _quiet_loading():
+    with quiet_loading():
         report = run_quickstart(workdir, recipe, baseline=not args.no_baseline, quiet=args.fast)
     print_report(report, workdir)
     return 0

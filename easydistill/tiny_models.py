@@ -13,7 +13,6 @@ caller's global torch RNG state.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from easydistill import synthetic
+from easydistill.models import quiet_loading
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
@@ -172,24 +172,10 @@ def build_model(
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _no_progress_bars():
+    with quiet_loading():
         model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """A one-shard save is instant; its progress bar is only noise in test and CLI output."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def build_pair(root, *, arch: str = "qwen2", tokenizer=None, seed: int = 0) -> tuple[Path, Path]:
