@@ -70,3 +70,13 @@ def load_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's torch.distributed rendezvous (fixed ports collide
+    with a previous run's sockets in TIME_WAIT, or with another test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

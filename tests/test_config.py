@@ -392,4 +392,6 @@ def test_preflight_reads_no_weights_and_is_fast(v1_config, tiny_pair, monkeypatc
     start = time.perf_counter()
     preflight_module.preflight(cfg)
     elapsed = time.perf_counter() - start
-    assert elapsed < 2.0, f"preflight of two model folders took {elapsed:.2f}s"
+    # Typically ~0.1 s once imports are warm; the bound only catches a weight load or a hub lookup sneaking
+    # in, with room for a busy shared machine.
+    assert elapsed < 5.0, f"preflight of two model folders took {elapsed:.2f}s"

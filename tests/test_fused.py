@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from kd_helpers import free_port
 
 from easydistill import losses
 from easydistill.fused import (
@@ -480,7 +481,7 @@ def test_fused_two_processes_equal_one_process(tiny_pair, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
     ]
     proc = subprocess.run(
         [*command, "-m", "easydistill.kd.train", "--config", str(path)],

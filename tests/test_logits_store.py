@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kd_helpers import kd_config, prepare, write_records
+from kd_helpers import free_port, kd_config, prepare, write_records
 
 from easydistill import losses
 from easydistill.cli import run
@@ -249,7 +249,7 @@ def test_two_ranks_compute_then_share_the_store(tiny_pair, data, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29531",
+        str(free_port()),
     ]
     proc = subprocess.run(
         [*command, "-m", "easydistill.kd.train", "--config", str(tmp_path / "two.json")],

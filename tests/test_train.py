@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from kd_helpers import (
+    free_port,
     kd_config,
     load_adapter_weights,
     max_abs_diff,
@@ -259,7 +260,7 @@ def test_two_processes_equal_one_process(tiny_pair, data, tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(free_port()),
             "-m",
             "easydistill.kd.train",
             "--config",
