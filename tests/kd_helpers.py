@@ -80,3 +80,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_on_two_ranks(config: dict, path: Path):
+    """Write `config` to `path` and run kd.train on two gloo ranks (torchrun, one thread each)."""
+    import os
+    import subprocess
+    import sys
+
+    path.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(free_port()), "-m", "easydistill.kd.train", "--config", str(path)]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=Path(__file__).resolve().parents[1],
+    )

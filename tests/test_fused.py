@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from kd_helpers import free_port
+from kd_helpers import train_on_two_ranks
 
 from easydistill import losses
 from easydistill.fused import (
@@ -445,11 +445,6 @@ def test_fused_two_processes_equal_one_process(tiny_pair, tmp_path):
     """2 gloo ranks x batch 2 give the update of 1 process x batch 4: the student's hidden states come out
     of the DDP-wrapped forward, so gradient sync sees the fused path's backward."""
     import inspect
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from kd_helpers import kd_config, load_adapter_weights, max_abs_diff, train, write_records
 
@@ -471,26 +466,7 @@ def test_fused_two_processes_equal_one_process(tiny_pair, tmp_path):
         training={**sgd, "max_steps": 1, "per_device_train_batch_size": 2},
         **common,
     )
-    path = tmp_path / "two.json"
-    path.write_text(json.dumps(two))
-    repo = Path(__file__).resolve().parents[1]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    proc = subprocess.run(
-        [*command, "-m", "easydistill.kd.train", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=repo,
-    )
+    proc = train_on_two_ranks(two, tmp_path / "two.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = load_adapter_weights(tmp_path / "one"), load_adapter_weights(tmp_path / "two")
     assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kd_helpers import free_port, kd_config, prepare, write_records
+from kd_helpers import kd_config, prepare, train_on_two_ranks, write_records
 
 from easydistill import losses
 from easydistill.cli import run
@@ -224,9 +224,6 @@ def test_cached_teacher_in_a_teacher_list(tiny_pair, data, full_store, tmp_path,
 def test_two_ranks_compute_then_share_the_store(tiny_pair, data, tmp_path):
     """kd_white_box, store missing: rank 0 scores it while rank 1 waits; 2 ranks x batch 2 then make the same
     update as the online teacher in 1 process x batch 4."""
-    import os
-    import subprocess
-    import sys
 
     from kd_helpers import load_adapter_weights, max_abs_diff, train
 
@@ -241,23 +238,7 @@ def test_two_ranks_compute_then_share_the_store(tiny_pair, data, tmp_path):
         inference={"top_logits_num": 100_000},
         training={**sgd, "max_steps": 1, "per_device_train_batch_size": 2},
     )
-    (tmp_path / "two.json").write_text(json.dumps(two))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    proc = subprocess.run(
-        [*command, "-m", "easydistill.kd.train", "--config", str(tmp_path / "two.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = train_on_two_ranks(two, tmp_path / "two.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert TopKLogitsStore(tmp_path / "logits").count("train") == 12
     one, both = load_adapter_weights(tmp_path / "one"), load_adapter_weights(tmp_path / "two")

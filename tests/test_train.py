@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from kd_helpers import (
-    free_port,
     kd_config,
     load_adapter_weights,
     max_abs_diff,
     prepare,
     train,
+    train_on_two_ranks,
     trainable_state,
     write_records,
 )
@@ -249,29 +246,7 @@ def test_two_processes_equal_one_process(tiny_pair, data, tmp_path):
     double = kd_config(
         tiny_pair, data, tmp_path / "two", training=sgd(max_steps=1, per_device_train_batch_size=2)
     )
-    path = tmp_path / "two.json"
-    path.write_text(json.dumps(double))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "easydistill.kd.train",
-            "--config",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
+    proc = train_on_two_ranks(double, tmp_path / "two.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((tmp_path / "two/trainer_state.json").read_text())
     assert state["global_step"] == 1
