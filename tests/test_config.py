@@ -284,6 +284,11 @@ BAD = [
     ),
     ("max-length-conflict", [("training.max_length", 64)], "the sequence limit is set to different values"),
     ("api-job", [("job_type", "kd_black_box_api")], "$.job_type: kd_black_box_api"),
+    (
+        "logger-not-installed",
+        [("training.report_to", ["wandb"])],
+        "$.training.report_to: wandb is not installed",
+    ),
     ("weights-zero", [("models.teacher", [{"path": "x", "weight": 0}])], "the teacher weights sum to 0"),
 ]
 

@@ -91,6 +91,17 @@ def schema_problems(raw: dict[str, Any]) -> list[str]:
     return problems
 
 
+# Loggers `training.report_to` may name, and the package each one needs.
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def _missing_loggers(report_to: Any) -> list[str]:
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    return [n for n in names if n in LOGGER_PACKAGES and importlib.util.find_spec(LOGGER_PACKAGES[n]) is None]
+
+
 def _normalise_training(training: dict[str, Any], notes: list[str]) -> tuple[dict[str, Any], list[str]]:
     """Map v1-era spellings, check every key against the installed TrainingArguments."""
     fields = training_argument_types()
@@ -117,6 +128,10 @@ def _normalise_training(training: dict[str, Any], notes: list[str]) -> tuple[dic
             continue
         if key == "resume_from_checkpoint" and isinstance(value, bool):
             out[key] = value  # true: the newest checkpoint in output_dir
+            continue
+        if key == "report_to" and _missing_loggers(value):
+            missing = ", ".join(_missing_loggers(value))
+            problems.append(f"{where}: {missing} is not installed here (pip install {missing}), or drop it")
             continue
         complaint = check_value_type(fields[key], value)
         if complaint:
