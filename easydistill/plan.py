@@ -181,12 +181,11 @@ def loss_terms(
     (x / T -> clamp -> log_softmax: the division's output is saved by clamp, the log-softmax's output by the
     KL), the teacher's (no grad), then p_T = exp(log p_T) (saved by the product) and the difference and
     product of the KL sum. CE keeps its log-softmax (fp32). `path`:
-      full        the model's full (B, T, V) logits, then the label rows gathered from them
       label_rows  logits only at the N label positions (logits_to_keep), teachers' rows projected likewise
       fused       `chunk` positions at a time (fused.py): ~5 fp32 (chunk, V) buffers and the fp32 gradient
                   accumulator of a trainable head (V, H); nothing (N, V) is held
     """
-    n, bt = sizes.rows, sizes.batch * sizes.seq
+    n = sizes.rows
     peak: list[Term] = []
     saved: list[Term] = []
     if path == "fused":
@@ -197,8 +196,6 @@ def loss_terms(
         if head_grad:  # the head's gradient, accumulated chunk by chunk beside the one backward hands over
             peak.append(Term("loss", "head gradient accumulator (fp32)", head_grad, "V x H x 4"))
         return peak, saved
-    if path == "full":
-        peak.append(Term("loss", "student logits (B, T, V)", bt * v_student * b_student, "B*T*V x dtype"))
     peak.append(Term("loss", "student label rows", n * v_student * b_student, "N*V x dtype"))
     peak.append(Term("loss", "CE log-softmax (saved)", n * v_student * 4, "N*V x 4"))
     saved.append(Term("loss", "CE log-softmax", n * v_student * 4, "N*V x 4"))
@@ -333,13 +330,6 @@ def make_plan(cfg, archs: dict[str, Arch] | None = None) -> Plan:
         cfg.distillation.chunk_size or 0,
         head_grad=student.vocab * student.hidden * 4 if head_trains else 0,
     )
-    if path == "full":
-        for name, v_t, b_t, kind in teacher_logits:
-            if kind != "cached":  # its full logits exist while its label rows are gathered from them
-                notes.append(
-                    f"teacher {name!r}: its (B, T, V) logits ({batch * seq * v_t * b_t / MIB:.1f} MiB) "
-                    "live briefly before the loss's peak"
-                )
     terms += peak_terms
     resident = [x for x in terms if x.what.startswith(("weights", "LoRA")) and "offload" not in x.what]
     static = sum(x.bytes for x in resident)
