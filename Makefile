@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)  ## quickstart: tiny teacher and student built offline, KD, figures before and after
-	$(PY) -m easydistill.quickstart
+	$(PY) -m examples.quickstart
 
 test: $(STAMP)  ## the fast suite CI runs
 	$(PY) -m pytest -q
@@ -22,12 +22,12 @@ test-all: $(STAMP)  ## including the slow end-to-end runs
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)
-	$(PY) -m ruff check easydistill tests benchmarks
-	$(PY) -m ruff format --check easydistill tests benchmarks
+	$(PY) -m ruff check easydistill tests benchmarks examples
+	$(PY) -m ruff format --check easydistill tests benchmarks examples
 
 format: $(STAMP)
-	$(PY) -m ruff format easydistill tests benchmarks
-	$(PY) -m ruff check --fix easydistill tests benchmarks
+	$(PY) -m ruff format easydistill tests benchmarks examples
+	$(PY) -m ruff check --fix easydistill tests benchmarks examples
 
 docs: $(STAMP)  ## regenerate docs/config.md from the schema
 	$(PY) -m easydistill.config.docs --write docs/config.md

@@ -66,8 +66,8 @@ def v1_line_bytes(rows_ids: np.ndarray, rows_lp: np.ndarray, id_map=None) -> int
 
 def measure_sizes(root, teacher, student, data, top_k: int) -> dict:
     from easydistill.config import load_config
-    from easydistill.logits_store import TopKLogitsStore, bytes_per_position
-    from easydistill.precompute import prepare_teacher_outputs
+    from easydistill.store.precompute import prepare_teacher_outputs
+    from easydistill.store.topk import TopKLogitsStore, bytes_per_position
 
     raw = config(root, teacher, student, data, steps=1, logits_path=str(root / f"store-{top_k}"))
     raw["inference"]["top_logits_num"] = top_k
@@ -99,8 +99,8 @@ def measure_sizes(root, teacher, student, data, top_k: int) -> dict:
 
 def measure_reads(root, teacher, student, data) -> dict:
     from easydistill.config import load_config
-    from easydistill.logits_store import TopKLogitsStore
-    from easydistill.trainer import prepare_run
+    from easydistill.store.topk import TopKLogitsStore
+    from easydistill.train.trainer import prepare_run
 
     store = TopKLogitsStore(root / "store-50")
     entries = [store.entry("train", i) for i in range(store.count("train"))]
@@ -131,7 +131,7 @@ def step_time(root, teacher, student, data, steps: int, **dataset) -> float:
     from transformers import TrainerCallback
 
     from easydistill.config import load_config
-    from easydistill.trainer import prepare_run
+    from easydistill.train.trainer import prepare_run
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -163,8 +163,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     from transformers.utils import logging as hf_logging
 
-    from easydistill.synthetic import make_records
-    from easydistill.tiny_models import build_pair
+    from examples.synthetic import make_records
+    from examples.tiny_models import build_pair
 
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory(prefix="bench-logits-") as tmp:

@@ -144,7 +144,7 @@ class Method:
 
 
 def easydistill_step(model, inputs, teachers, chunk_size, full_logits=False):
-    from easydistill.fused import kd_step_sums
+    from easydistill.train.step import kd_step_sums
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -236,7 +236,7 @@ def build_methods(vocab: int, chunk_size: int, sweep, workdir: str, with_trl: bo
     from peft import LoraConfig, get_peft_model
 
     from easydistill.teachers import OnlineTeacher, SelfTeacher
-    from easydistill.tiny_models import build_tokenizer
+    from examples.tiny_models import build_tokenizer
 
     inputs = make_batch(vocab)
     teacher = causal_lm(vocab, 1, TEACHER).requires_grad_(False).eval()

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from easydistill.errors import UserError
+from easydistill.runtime import print0
 
 EXIT_USER_ERROR = 2
 
@@ -37,16 +38,6 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="path of the JSON run config")
     return parser
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def print0(*args, **kwargs) -> None:
-    """print on the first process only, so that several ranks do not repeat every line."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
 
 
 def load_and_check(config_path: str, *, check_output_dir: bool = True, computing_stores: bool = False):

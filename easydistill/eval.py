@@ -7,7 +7,7 @@ On the config's eval split (`dataset.eval_path`, or `dataset.eval_ratio` of the 
 and for each teacher: cross-entropy and perplexity on the labels, top-1 accuracy; for the student against each
 teacher KL(teacher ‖ student) and JSD per token and top-1 agreement, and for stored (cached) teachers the mass
 their top-k keeps and the student's mass on those ids; exact match of greedy answers (batched, KV cache) when the
-records are `easydistill.synthetic` tasks, whose answers can be checked. Prints a table and writes JSON (`--out`,
+records are `examples.synthetic` tasks, whose answers can be checked. Prints a table and writes JSON (`--out`,
 default `eval.json` in training.output_dir when that folder exists). The config is checked as every entry point
 checks it; a problem ends the run with exit code 2 and one message, before any weights load.
 
@@ -17,237 +17,23 @@ training). An adapter folder (adapter_config.json) is applied to models.student.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from easydistill.cli import config_parser, load_and_check, print0, run
+from easydistill.cli import config_parser, load_and_check, run
 from easydistill.errors import UserError
-
-EXACT_MATCH_MODES = ("auto", "always", "never")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """The `evaluation` block (see docs/evaluation.md)."""
-
-    report: bool = True
-    exact_match: str = "auto"
-    max_new_tokens: int | None = None
-    max_samples: int | None = None
-
-
-def settings(cfg) -> EvalSettings:
-    block = dict(cfg.data.get("evaluation") or {})
-    return EvalSettings(**{k: block[k] for k in EvalSettings.__dataclass_fields__ if k in block})
-
-
-def has_eval_split(cfg) -> bool:
-    return bool(cfg.dataset.eval_path) or bool(cfg.dataset.eval_ratio)
-
-
-# ---------------------------------------------------------------- records and checkable answers
-
-
-def eval_records(cfg, examples) -> list[dict]:
-    """The chat records of the eval examples, in their order (found by sample id)."""
-    from easydistill.data import load_records
-
-    source = cfg.dataset.eval_path or cfg.dataset.labeled_path
-    by_id = {r["id"]: r for r in load_records(source)}
-    return [by_id[e.sample_id] for e in examples]
-
-
-def _instruction(record: dict) -> str:
-    users = [m["content"] for m in record["messages"] if m["role"] == "user"]
-    return users[-1] if users else ""
-
-
-def checked_answers(records: list[dict]) -> list[str] | None:
-    """The right answer of every record when all are synthetic-task records (easydistill.synthetic), else None."""
-    from easydistill import synthetic
-
-    answers = []
-    for record in records:
-        try:
-            answers.append(synthetic.answer(None, _instruction(record)))
-        except (ValueError, KeyError):
-            return None
-    return answers or None
-
-
-def exact_match_references(records: list[dict], mode: str) -> tuple[list[dict] | None, str]:
-    """(records whose last turn is the reference answer, or None when exact match is skipped; why)."""
-    if mode == "never":
-        return None, "off (evaluation.exact_match is never)"
-    answers = checked_answers(records)
-    if answers is not None:
-        fixed = []
-        for record, answer in zip(records, answers):
-            messages = [dict(m) for m in record["messages"]]
-            messages[-1]["content"] = answer
-            fixed.append({**record, "messages": messages})
-        return fixed, "against the synthetic task's checked answers"
-    if mode == "always":
-        return records, "against the eval records' outputs"
-    return None, "skipped: the eval records are not synthetic tasks with checkable answers"
-
-
-# ---------------------------------------------------------------- measuring
-
-
-def evaluate_models(
-    model,
-    tokenizer,
-    teachers,
-    examples,
-    references,
-    *,
-    template=None,
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    teachers_too: bool = True,
-    generate: bool = True,
-) -> dict:
-    """Figures of `model` (and, with teachers_too, of each teacher) on tokenized eval examples.
-
-    teachers: the run's teacher objects (spec + rows(); online ones carry .model, the self-teacher the PEFT
-    student). references: records for exact match, or None to skip it. Returns a JSON-ready dict, see
-    `heldout_metrics` for the figures' meaning.
-    """
-    from easydistill.evaluate import answers_and_references, heldout_metrics, make_batches
-    from easydistill.synthetic import accuracy
-
-    batches = make_batches(examples, tokenizer.pad_token_id, batch_size)
-    got = heldout_metrics(model, {t.spec.name: t for t in teachers}, batches)
-
-    def exact_match(generator) -> float | None:
-        if references is None or not generate:
-            return None
-        answers, refs = answers_and_references(
-            generator, tokenizer, references, template, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
-        return accuracy(answers, refs)
-
-    student = {**got["model"], "exact_match": exact_match(model), "vs": got["versus"]}
-    result = {"n_examples": len(examples), "n_tokens": got["n_tokens"], "student": student, "teachers": {}}
-    if teachers_too:
-        for t in teachers:
-            row = {"kind": t.spec.kind, **got["teachers"][t.spec.name], "exact_match": None}
-            if t.spec.kind == "online":
-                row["exact_match"] = exact_match(t.model)
-            elif t.spec.kind == "self" and hasattr(t.model, "disable_adapter"):
-                with t.model.disable_adapter():
-                    row["exact_match"] = exact_match(t.model)
-            if t.spec.kind == "cached":
-                row["approximate_ce"] = True  # labels outside the stored ids get an even share of the tail
-            result["teachers"][t.spec.name] = row
-    return result
-
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.3e}"
-
-
-def format_tables(result: dict, model_label: str = "student") -> str:
-    """The figures as two plain-text tables: each model on the labels, then the student against each teacher."""
-    head = f"{'model':28s}{'CE/token':>11s}{'perplexity':>12s}{'accuracy':>10s}{'exact match':>13s}"
-    lines = [head, "-" * len(head)]
-    rows = [(model_label, result["student"])]
-    rows += [(f"teacher {name} [{r['kind']}]", r) for name, r in result["teachers"].items()]
-    for label, r in rows:
-        lines.append(
-            f"{label[:27]:28s}{_fmt(r['ce']):>11s}{_fmt(r['perplexity']):>12s}{_fmt(r['accuracy']):>10s}"
-            f"{_fmt(r['exact_match']):>13s}"
-        )
-    versus = result["student"]["vs"]
-    if versus:
-        head = f"{model_label + ' vs':28s}{'KL(T||S)':>11s}{'JSD':>12s}{'top-1 agree':>13s}{'top-k mass T/S':>17s}"
-        lines += ["", head, "-" * len(head)]
-        for name, v in versus.items():
-            mass = f"{v['topk_mass']:.3f}/{v['student_topk_mass']:.3f}" if "topk_mass" in v else "-"
-            lines.append(
-                f"{'teacher ' + name:28s}{_fmt(v['kl']):>11s}{_fmt(v['jsd']):>12s}"
-                f"{_fmt(v['top1_agreement']):>13s}{mass:>17s}"
-            )
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- the command
-
-
-def _is_model_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
-
-
-def resolve_model(cfg, given: str | None) -> Path:
-    if given is not None:
-        path = Path(given)
-        if not path.is_dir():
-            raise UserError(f"--model: {given!r} is not a folder")
-        if not _is_model_folder(path):
-            raise UserError(f"--model: {given!r} holds neither config.json nor adapter_config.json")
-        return path
-    if _is_model_folder(cfg.output_dir):
-        return cfg.output_dir
-    return Path(cfg.models.student)
-
-
-def load_evaluated(cfg, folder: Path):
-    """The model in `folder`; an adapter folder is applied to models.student."""
-    from easydistill.models import load_causal_lm
-
-    m = cfg.models
-    options = dict(trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
-    if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = load_causal_lm(m.student, dtype=m.dtype, **options)
-        return PeftModel.from_pretrained(base, str(folder))
-    return load_causal_lm(str(folder), dtype=m.dtype, **options)
-
-
-def eval_teachers(cfg, model, device):
-    """The config's teachers for evaluation. The self-teacher is the evaluated model with its adapters off,
-    or models.student itself when the evaluated model has no adapters."""
-    import torch
-
-    from easydistill.models import load_causal_lm, load_frozen_teacher
-    from easydistill.teachers import OnlineTeacher, SelfTeacher
-
-    teachers = []
-    for spec in cfg.teachers:
-        if spec.kind == "online":
-            teachers.append(OnlineTeacher(spec, load_frozen_teacher(spec.path, cfg, torch.device(device))))
-        elif spec.kind == "self" and hasattr(model, "disable_adapter"):
-            teachers.append(SelfTeacher(spec, model))
-        elif spec.kind == "self":
-            m = cfg.models
-            base = load_causal_lm(m.student, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-            as_online = dataclasses.replace(spec, kind="online", path=m.student)
-            teachers.append(OnlineTeacher(as_online, base.eval().requires_grad_(False).to(device)))
-        else:
-            from easydistill.teachers.cached import CachedTeacher
-
-            teachers.append(CachedTeacher.open(spec, cfg))
-    return with_eval_rows(teachers)
-
-
-def with_eval_rows(teachers, log=print0) -> list:
-    """The teachers that can be compared on the eval split: a store without eval rows would read as KL 0."""
-    kept = []
-    for teacher in teachers:
-        store = getattr(teacher, "store", None)
-        if store is not None and store.count("eval") == 0:
-            log(
-                f"note: teacher {teacher.spec.name!r}: its store {store.path} holds no eval rows; not evaluated"
-            )
-            continue
-        kept.append(teacher)
-    return kept
+from easydistill.evaluation.heldout import (
+    eval_records,
+    eval_teachers,
+    evaluate_models,
+    exact_match_references,
+    format_tables,
+    has_eval_split,
+    load_evaluated,
+    resolve_model,
+    settings,
+)
+from easydistill.runtime import print0
 
 
 def main(argv=None) -> int:
@@ -273,7 +59,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     from easydistill.models import load_tokenizer
-    from easydistill.precompute import training_examples
+    from easydistill.store.precompute import training_examples
 
     hf_logging.disable_progress_bar()  # one bar per loaded file is noise here
 

@@ -117,3 +117,34 @@ def quiet_loading():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def final_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T, H) last hidden states (after the final norm) of a causal LM, with no logits computed: an empty
+    `logits_to_keep` leaves the head nothing to project."""
+    keep_none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        logits_to_keep=keep_none,
+        use_cache=False,
+    )
+    return out.hidden_states[-1]
+
+
+def project(head: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | None = None, device=None):
+    """head(hidden) for (n, H) rows; a plain Linear head writes into `out` (n, V) when given and of its dtype,
+    so that a caller projecting many slices reuses one buffer instead of allocating (tokens x vocab) each time."""
+    # Mixed precision may hand over fp32 hidden states (accelerate converts outputs) for a bf16 head.
+    hidden = hidden.to(next(head.parameters()).dtype)
+    if type(head) is not torch.nn.Linear:
+        return head(hidden)
+    weight, bias = head.weight, head.bias
+    if device is not None:
+        weight = weight.to(device)
+        bias = None if bias is None else bias.to(device)
+    if out is None or out.dtype != weight.dtype or out.shape != (hidden.shape[0], weight.shape[0]):
+        return torch.nn.functional.linear(hidden, weight, bias)
+    torch.mm(hidden, weight.t(), out=out)
+    return out if bias is None else out.add_(bias)

@@ -6,13 +6,13 @@ runs in about a second even for a 70B teacher, before any weights load.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from easydistill.config import Config
 from easydistill.errors import ConfigError, UserError
+from easydistill.model_files import embedding_rows
 
 RUN_MARKER = "easydistill_config.json"  # written into output_dir when a run starts
 
@@ -36,14 +36,6 @@ def _model_folder(path: str, where: str, problems: list[str]) -> bool:
     return True
 
 
-def _embedding_rows(path: str) -> int | None:
-    config = json.loads((Path(path) / "config.json").read_text())
-    rows = config.get("vocab_size")
-    if rows is None:  # multimodal configs keep it in their text part
-        rows = (config.get("text_config") or {}).get("vocab_size")
-    return rows
-
-
 def _load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
@@ -60,7 +52,7 @@ def _compare_tokenizers(cfg: Config, folders: dict[str, str], problems: list[str
         return
     ref_vocab = reference.get_vocab()
     for where, path in folders.items():
-        rows = _embedding_rows(path)
+        rows = embedding_rows(path)
         report.vocab[path] = rows
         if where == student_where:
             continue
@@ -160,7 +152,7 @@ def _check_data(cfg: Config, problems: list[str], computing_stores: bool = False
 def _check_logits(cfg: Config, problems: list[str], computing_stores: bool):
     """Stored teacher logits: there (a complete store or a v1 file), or computable by this job (kd_white_box,
     or kd.infer: `computing_stores`)."""
-    from easydistill.logits_store import COMPUTE_HINT, is_complete, partial_path, store_location
+    from easydistill.store.topk import COMPUTE_HINT, is_complete, partial_path, store_location
 
     trains_from_files = cfg.job_type.endswith(("train_only", "multi"))
     cached = [t for t in cfg.teachers if t.kind == "cached"]

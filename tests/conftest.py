@@ -34,7 +34,7 @@ OTHER_TEXT = [
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(teacher_dir, student_dir), Qwen2 architecture, one tokenizer, teacher rows padded to 64."""
-    from easydistill.tiny_models import build_pair
+    from examples.tiny_models import build_pair
 
     return build_pair(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
 
@@ -42,7 +42,7 @@ def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(teacher_dir, student_dir), Llama architecture, otherwise as `tiny_pair`."""
-    from easydistill.tiny_models import build_pair
+    from examples.tiny_models import build_pair
 
     return build_pair(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
 
@@ -56,7 +56,7 @@ def tokenizer_dir(tiny_pair) -> Path:
 @pytest.fixture(scope="session")
 def mismatched_tokenizer_model(tmp_path_factory) -> Path:
     """A Qwen2 model folder whose tokenizer differs from `tiny_pair`'s (other text, other vocab size)."""
-    from easydistill.tiny_models import build_model, build_tokenizer
+    from examples.tiny_models import build_model, build_tokenizer
 
     tokenizer = build_tokenizer(OTHER_TEXT * 5, vocab_size=300)
     return build_model(tmp_path_factory.mktemp("tiny-mismatched") / "model", tokenizer=tokenizer, seed=7)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from easydistill.config import load_config
-from easydistill.synthetic import make_records
+from examples.synthetic import make_records
 
 
 def write_records(path: Path, task: str = "add", n: int = 24, seed: int = 1) -> Path:
@@ -46,13 +46,13 @@ def kd_config(tiny_pair, data: Path, out: Path, **blocks) -> dict:
 
 
 def prepare(raw: dict):
-    from easydistill.trainer import prepare_run
+    from easydistill.train.trainer import prepare_run
 
     return prepare_run(load_config(raw))
 
 
 def train(raw: dict) -> dict:
-    from easydistill.trainer import run_training
+    from easydistill.train.trainer import run_training
 
     return run_training(load_config(raw))
 

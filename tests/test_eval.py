@@ -1,4 +1,4 @@
-"""easydistill.evaluate.heldout_metrics on constructed inputs with known answers, and the eval command."""
+"""easydistill.evaluation.metrics.heldout_metrics on constructed inputs with known answers, and the eval command."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from kd_helpers import write_records
 
-from easydistill import synthetic
 from easydistill.cli import run
 from easydistill.data import IGNORE_INDEX
-from easydistill.evaluate import ModelRows, heldout_metrics
-from easydistill.losses import SparseRows
+from easydistill.evaluation.metrics import ModelRows, heldout_metrics
+from easydistill.loss.divergence import SparseRows
+from examples import synthetic
 
 
 class FixedLogits(torch.nn.Module):
@@ -112,7 +112,7 @@ def test_stored_top_k_teacher_coverage_kl_and_ce_by_hand():
 
 
 def test_exact_match_references_only_for_checkable_records():
-    from easydistill.eval import exact_match_references
+    from easydistill.evaluation.heldout import exact_match_references
 
     def chat(instruction, output):
         return {
@@ -233,7 +233,7 @@ def test_eval_of_a_trained_adapter_against_its_self_teacher(tiny_pair, eval_file
 def test_a_full_store_evaluates_like_the_online_teacher(tiny_pair, eval_files, tmp_path, capsys):
     """k = the vocabulary width: the stored teacher holds every probability, so its figures are the online one's."""
     from easydistill.config import load_config
-    from easydistill.precompute import prepare_teacher_outputs
+    from easydistill.store.precompute import prepare_teacher_outputs
 
     root, train_path, _ = eval_files
     teacher, student = tiny_pair

@@ -1,4 +1,4 @@
-"""easydistill.evaluate: teacher-forced figures against a float64 reference, greedy decoding against a no-cache loop."""
+"""easydistill.evaluation.metrics: teacher-forced figures against a float64 reference, greedy decoding against a no-cache loop."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from easydistill import synthetic
 from easydistill.data import IGNORE_INDEX, V1_TEMPLATE, load_records, render_and_tokenize
-from easydistill.evaluate import (
+from easydistill.evaluation.metrics import (
     answers_and_references,
     exact_match_rate,
     greedy_generate,
     make_batches,
     teacher_forced_metrics,
 )
+from examples import synthetic
 
 
 class FixedLogits(torch.nn.Module):

@@ -10,17 +10,12 @@ import torch
 import torch.nn.functional as F
 from kd_helpers import train_on_two_ranks
 
-from easydistill import losses
-from easydistill.fused import (
-    fused_head_loss,
-    hidden_at_labels,
-    kd_step_sums,
-    label_positions,
-    logits_at_labels,
-)
-from easydistill.kd_gradients import divergence_with_grad
+from easydistill.loss import divergence as losses
+from easydistill.loss.chunked import fused_head_loss
+from easydistill.loss.closed_form import divergence_with_grad
+from easydistill.loss.combine import combined_divergence
 from easydistill.teachers import OnlineTeacher, SelfTeacher
-from easydistill.teachers.ensemble import combined_divergence
+from easydistill.train.step import hidden_at_labels, kd_step_sums, label_positions, logits_at_labels
 
 V = 61  # the student's rows; teachers pad theirs further
 KINDS = [
@@ -413,7 +408,7 @@ def test_training_with_chunks_equals_training_without(tiny_pair, tmp_path):
 
     from kd_helpers import kd_config, load_adapter_weights, max_abs_diff, train, write_records
 
-    from easydistill.trainer import KDTrainer
+    from easydistill.train.trainer import KDTrainer
 
     if "chunk_size" not in inspect.signature(KDTrainer.__init__).parameters:
         pytest.skip("easydistill/trainer.py does not pass distillation.chunk_size on yet (see fused.py)")
@@ -448,7 +443,7 @@ def test_fused_two_processes_equal_one_process(tiny_pair, tmp_path):
 
     from kd_helpers import kd_config, load_adapter_weights, max_abs_diff, train, write_records
 
-    from easydistill.trainer import KDTrainer
+    from easydistill.train.trainer import KDTrainer
 
     if "chunk_size" not in inspect.signature(KDTrainer.__init__).parameters:
         pytest.skip("easydistill/trainer.py does not pass distillation.chunk_size on yet (see fused.py)")

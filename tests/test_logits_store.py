@@ -12,12 +12,12 @@ import pytest
 import torch
 from kd_helpers import kd_config, prepare, train_on_two_ranks, write_records
 
-from easydistill import losses
 from easydistill.cli import run
 from easydistill.config import load_config
-from easydistill.logits_store import TopKLogitsStore, pack_ids, partial_path, unpack_ids
-from easydistill.precompute import prepare_teacher_outputs, score_into_store, training_examples
-from easydistill.preflight import _embedding_rows
+from easydistill.loss import divergence as losses
+from easydistill.model_files import embedding_rows
+from easydistill.store.precompute import prepare_teacher_outputs, score_into_store, training_examples
+from easydistill.store.topk import TopKLogitsStore, pack_ids, partial_path, unpack_ids
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def cached_config(tiny_pair, data, out, store, **blocks) -> dict:
 def test_ids_pack_into_2_3_or_4_bytes():
     ids = np.array([[0, 5, -1], [65_000, 1, 2]])
     for width, nbytes in ((285, 2), (151_936, 3), (20_000_000, 4)):
-        from easydistill.logits_store import id_bytes_for
+        from easydistill.store.topk import id_bytes_for
 
         assert id_bytes_for(width) == nbytes
         packed = pack_ids(ids, nbytes)
@@ -60,7 +60,7 @@ def test_ids_pack_into_2_3_or_4_bytes():
 
 def test_full_store_reproduces_the_online_teacher(tiny_pair, data, full_store, tmp_path):
     store = TopKLogitsStore(full_store)
-    assert store.top_k == store.vocab_width == _embedding_rows(str(tiny_pair[1]))  # the student's width
+    assert store.top_k == store.vocab_width == embedding_rows(str(tiny_pair[1]))  # the student's width
     assert store.count("train") == 9 and store.count("eval") == 3
     cached = prepare(cached_config(tiny_pair, data, tmp_path / "c", full_store))
     online = prepare(kd_config(tiny_pair, data, tmp_path / "o", dataset={"eval_ratio": 0.25}))
@@ -165,7 +165,7 @@ def test_interrupted_infer_resumes_with_finished_shards(tiny_pair, data, tmp_pat
     cfg = load_config(kd_config(tiny_pair, data, tmp_path / "out"))
     train, evaluation, _ = training_examples(cfg, tokenizer)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval()
-    width = _embedding_rows(str(tiny_pair[1]))
+    width = embedding_rows(str(tiny_pair[1]))
     # 200-byte shards: a new shard every example or two, so a crash leaves several finished ones behind.
     opts = dict(top_k=8, width=width, batch_size=2, shard_bytes=200, progress=False)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from easydistill.losses import KINDS, divergence, per_token_divergence, token_sums
+from easydistill.loss.divergence import KINDS, divergence, per_token_divergence, token_sums
 
 BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
 TEMPERATURES = (0.5, 1.0, 2.0)

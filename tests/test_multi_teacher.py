@@ -10,9 +10,10 @@ import pytest
 import torch
 from kd_helpers import kd_config, load_adapter_weights, train, write_records
 
-from easydistill import cli, losses
+from easydistill import cli
 from easydistill.kd import multi_train
-from easydistill.teachers.ensemble import combined_divergence
+from easydistill.loss import divergence as losses
+from easydistill.loss.combine import combined_divergence
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def second_teacher(tiny_pair, tmp_path_factory) -> Path:
     """Another teacher of another size and another embedding padding, same tokenizer."""
     from transformers import AutoTokenizer
 
-    from easydistill.tiny_models import build_model
+    from examples.tiny_models import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair[1])
     return build_model(

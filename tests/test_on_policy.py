@@ -8,7 +8,7 @@ import pytest
 import torch
 from kd_helpers import kd_config, prepare, write_records
 
-from easydistill.on_policy import LmbdaSchedule, completion_batch, is_on_policy, split_prompts
+from easydistill.train.on_policy import LmbdaSchedule, completion_batch, is_on_policy, split_prompts
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from easydistill import plan, tiny_models
+from easydistill import memory_plan, plan
 from easydistill.cli import run
 from easydistill.config import load_config
+from examples import tiny_models
 
 
 def test_parameter_counts_from_config_match_the_loaded_models(tiny_pair):
     for path in tiny_pair:
         model = AutoModelForCausalLM.from_pretrained(path)
-        arch = plan.read_arch(str(path))
+        arch = memory_plan.read_arch(str(path))
         assert arch.params == sum(p.numel() for p in model.parameters())
         assert arch.vocab == model.get_output_embeddings().weight.shape[0]
 
@@ -40,7 +41,7 @@ def test_lora_parameter_count_matches_peft(tiny_pair, targets):
             "lora": {"enable": True, "r": 4, "target_modules": targets},
         }
     ).lora
-    assert plan.lora_params(plan.read_arch(str(student)), lora) == trainable
+    assert memory_plan.lora_params(memory_plan.read_arch(str(student)), lora) == trainable
 
 
 def test_activation_model_matches_what_autograd_saves(tiny_pair):
@@ -62,7 +63,9 @@ def test_activation_model_matches_what_autograd_saves(tiny_pair):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, attention_mask=mask)
-    estimate, _ = plan.activation_bytes(plan.read_arch(str(student)), plan.Sizes(batch, seq, 0), 4, False)
+    estimate, _ = memory_plan.activation_bytes(
+        memory_plan.read_arch(str(student)), memory_plan.Sizes(batch, seq, 0), 4, False
+    )
     assert estimate == pytest.approx(sum(saved.values()), rel=0.06)
 
 
@@ -104,10 +107,10 @@ def big_vocab_run(tmp_path_factory):
 
 
 def test_plan_is_within_30_percent_of_the_measured_peak(big_vocab_run):
-    estimate = plan.make_plan(load_config(str(big_vocab_run)))
+    estimate = memory_plan.make_plan(load_config(str(big_vocab_run)))
     logits = sum(t.bytes for t in estimate.terms if t.owner == "loss")
     assert logits > 0.7 * estimate.peak  # the test measures the accounting, not the process's noise
-    measured = plan.measure(big_vocab_run, steps=2)
+    measured = memory_plan.measure(big_vocab_run, steps=2)
     ratio = estimate.peak / measured["tensor_peak_bytes"]
     # The plan counts every position as a label (508 rows); the data has 4 x 116: an upper bound by 1.09
     assert 0.7 <= ratio <= 1.3, (ratio, estimate.table(), measured)

@@ -1,4 +1,4 @@
-"""easydistill.quickstart --fast end to end: data, cached teacher, KD with the shipped config, the report."""
+"""examples.quickstart --fast end to end: data, cached teacher, KD with the shipped config, the report."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from easydistill import quickstart, synthetic
-from easydistill.quickstart import CONFIG_PATH, FAST, REPO_ROOT, TEACHER_MARKER
+from examples import quickstart, synthetic
+from examples.quickstart import CONFIG_PATH, FAST, REPO_ROOT, TEACHER_MARKER
 
 METRICS = {"ce", "kl", "top1_agreement", "exact_match", "accuracy", "n_tokens"}
 

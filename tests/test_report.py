@@ -7,7 +7,7 @@ import json
 import pytest
 from kd_helpers import kd_config, train, write_records
 
-from easydistill.report import REPORT_FILES, curves, markdown
+from easydistill.evaluation.report import REPORT_FILES, curves, markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

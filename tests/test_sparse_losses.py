@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from easydistill import losses
-from easydistill.losses import KINDS, SparseRows
+from easydistill.loss import divergence as losses
+from easydistill.loss.divergence import KINDS, SparseRows
 
 N, V = 7, 23
 

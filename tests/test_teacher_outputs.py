@@ -14,8 +14,8 @@ from kd_helpers import kd_config, prepare, write_records
 from easydistill.cli import run
 from easydistill.config import load_config
 from easydistill.data import load_records
-from easydistill.preflight import _embedding_rows
-from easydistill.synthetic import make_records
+from easydistill.model_files import embedding_rows
+from examples.synthetic import make_records
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def write_v1_logits(tiny_pair, data: Path, path: Path, *, late: bool = False, k:
     run_ = prepare(raw)
     examples = {ex.sample_id: ex for ex in run_.train_examples + run_.eval_examples}
     teacher = AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval()
-    width = _embedding_rows(str(tiny_pair[1]))
+    width = embedding_rows(str(tiny_pair[1]))
     lines = []
     for record in load_records(data):
         ex = examples[record["id"]]
@@ -116,7 +116,7 @@ def _prompts(path: Path, n: int = 6) -> Path:
 def test_generation_is_greedy_or_seeded(tiny_pair):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from easydistill.generate import generate_answers
+    from easydistill.store.answers import generate_answers
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair[0])
     model = AutoModelForCausalLM.from_pretrained(tiny_pair[0])

@@ -1,4 +1,4 @@
-"""easydistill.synthetic and easydistill.tiny_models: exact tasks, deterministic offline checkpoints."""
+"""examples.synthetic and examples.tiny_models: exact tasks, deterministic offline checkpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from easydistill import synthetic, tiny_models
-from easydistill.tiny_models import build_model, build_tokenizer, cached_tiny_models
+from examples import synthetic, tiny_models
+from examples.tiny_models import build_model, build_tokenizer, cached_tiny_models
 
 MESSAGES = [{"role": "user", "content": "12+7="}, {"role": "assistant", "content": "19"}]
 
@@ -121,7 +121,7 @@ def test_tokenizer_special_tokens_and_template(tok):
 
 def test_tokenizer_is_deterministic_across_processes(tok):
     # Rust hash maps are seeded per process, so only another process shows an order-dependent vocabulary.
-    code = "from easydistill.tiny_models import build_tokenizer; print(build_tokenizer().backend_tokenizer.to_str())"
+    code = "from examples.tiny_models import build_tokenizer; print(build_tokenizer().backend_tokenizer.to_str())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert other.strip() == tok.backend_tokenizer.to_str()
     assert build_tokenizer().get_vocab() == tok.get_vocab()

@@ -178,7 +178,7 @@ def test_merged_model_equals_adapter_model(tiny_pair, data, tmp_path, tied):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from easydistill.tiny_models import build_model
+    from examples.tiny_models import build_model
 
     teacher, student = tiny_pair
     if tied:

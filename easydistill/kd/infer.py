@@ -13,7 +13,8 @@ EasyDistill v1 logits file instead of running the teacher. kd.train runs the sam
 
 from __future__ import annotations
 
-from easydistill.cli import config_parser, load_and_check, print0, run
+from easydistill.cli import config_parser, load_and_check, run
+from easydistill.runtime import print0
 
 
 def main(argv=None) -> int:
@@ -25,8 +26,8 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     cfg, _ = load_and_check(args.config, check_output_dir=False, computing_stores=True)
-    from easydistill.logits_store import store_location
-    from easydistill.precompute import prepare_teacher_outputs
+    from easydistill.store.precompute import prepare_teacher_outputs
+    from easydistill.store.topk import store_location
 
     cfg = prepare_teacher_outputs(cfg, import_v1=args.import_v1, compute_missing=True, log=print0)
     stores = [str(store_location(cfg, t)[0]) for t in cfg.teachers if t.kind == "cached"]

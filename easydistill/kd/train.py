@@ -12,14 +12,15 @@ first one and wait for its files.
 
 from __future__ import annotations
 
-from easydistill.cli import config_parser, is_main_process, load_and_check, print0, run
+from easydistill.cli import config_parser, load_and_check, run
+from easydistill.runtime import is_main_process, print0
 
 
 def main(argv=None, *, prog="python -m easydistill.kd.train") -> int:
     args = config_parser(prog, __doc__.splitlines()[0]).parse_args(argv)
     cfg, report = load_and_check(args.config)
-    from easydistill.precompute import prepare_teacher_outputs
-    from easydistill.trainer import run_training  # heavy imports only once the config is known good
+    from easydistill.store.precompute import prepare_teacher_outputs
+    from easydistill.train.trainer import run_training  # heavy imports only once the config is known good
 
     cfg = prepare_teacher_outputs(cfg, wait=not is_main_process(), log=print0)
     metrics = run_training(cfg, report)

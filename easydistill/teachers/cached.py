@@ -1,4 +1,4 @@
-"""A teacher read from a precomputed top-k store (easydistill/logits_store.py) instead of run online.
+"""A teacher read from a precomputed top-k store (easydistill/store/topk.py) instead of run online.
 
 Rows are found by sample, never by step: a batch carries each example's `sample_index` (its position in its
 split, in dataset order) and `sample_split` (0 train, 1 eval); the store lists each split's samples in the
@@ -16,8 +16,8 @@ import torch
 from easydistill.config import TeacherSpec
 from easydistill.data import SPLITS, tokenized_hash
 from easydistill.errors import UserError
-from easydistill.logits_store import TopKLogitsStore
-from easydistill.losses import SparseRows
+from easydistill.loss.divergence import SparseRows
+from easydistill.store.topk import TopKLogitsStore
 
 
 class CachedTeacher:
@@ -31,12 +31,12 @@ class CachedTeacher:
     @classmethod
     def open(cls, spec: TeacherSpec, cfg) -> CachedTeacher:
         """Open the teacher's store (see logits_store.store_location) and check it fits the student."""
-        from easydistill.logits_store import store_location
-        from easydistill.preflight import _embedding_rows
+        from easydistill.model_files import embedding_rows
+        from easydistill.store.topk import store_location
 
         path, _ = store_location(cfg, spec)
         store = TopKLogitsStore(path)
-        student_rows = _embedding_rows(cfg.models.student)
+        student_rows = embedding_rows(cfg.models.student)
         if student_rows < store.vocab_width:
             raise UserError(
                 f"teacher {spec.name!r}: the store {path} covers {store.vocab_width} vocabulary columns but the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from easydistill.config import TeacherSpec
-from easydistill.teachers.online import final_hidden_states, project
+from easydistill.models import final_hidden_states, project
 
 
 class SelfTeacher:

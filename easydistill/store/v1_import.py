@@ -27,7 +27,7 @@ import numpy as np
 
 from easydistill.data import IGNORE_INDEX, load_records, tokenized_hash
 from easydistill.errors import UserError
-from easydistill.logits_store import StoreWriter
+from easydistill.store.topk import StoreWriter
 
 MIN_LABEL_HITS = 0.5  # below this share of label tokens found in their rows, the file is for other data
 CHECK_AFTER = 2000  # label positions converted before the share is checked (then after every line)
@@ -81,7 +81,7 @@ def import_v1_file(
 
     A file that fails a check leaves nothing behind (no partial store to resume wrongly).
     """
-    from easydistill.precompute import sample_list, vocab_width
+    from easydistill.store.precompute import sample_list, vocab_width
 
     v1_file = Path(v1_file)
     if not v1_file.is_file():
@@ -97,9 +97,9 @@ def import_v1_file(
     }
     teacher_rows = None
     if teacher_path and Path(teacher_path, "config.json").is_file():
-        from easydistill.preflight import _embedding_rows
+        from easydistill.model_files import embedding_rows
 
-        teacher_rows = _embedding_rows(teacher_path)
+        teacher_rows = embedding_rows(teacher_path)
     width, top_k = vocab_width(cfg, teacher_rows), _top_k(v1_file)
     writer = StoreWriter(
         store,

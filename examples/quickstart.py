@@ -1,7 +1,7 @@
 """The quickstart: distil a small trained teacher into a smaller student, offline on a CPU, in a few minutes.
 
-    python -m easydistill.quickstart                 # or: make demo
-    python -m easydistill.quickstart --fast          # a few steps on tiny data: a smoke run in seconds
+    python -m examples.quickstart                 # or: make demo
+    python -m examples.quickstart --fast          # a few steps on tiny data: a smoke run in seconds
 
 1. writes a synthetic task (`reverse`: "reverse: bdca" -> "acdb") as EasyDistill v1 {instruction, output}
    JSONL under WORKDIR/data: clean training records (the teacher's), the same records with 40% of the
@@ -34,9 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from easydistill import synthetic, tiny_models
-from easydistill.cli import print0
 from easydistill.models import quiet_loading
+from easydistill.runtime import print0
+from examples import synthetic, tiny_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PATH = REPO_ROOT / "configs" / "quickstart.json"
@@ -44,7 +44,16 @@ SHIPPED_WORKDIR = "runs/quickstart"  # the prefix of every path configs/quicksta
 TEACHER_MARKER = "quickstart_teacher.json"  # written last into a cached teacher: its presence means complete
 # Modules whose code decides the cached teacher's weights (a package counts with all its files); an edit
 # to any of them retrains it. Named as modules, not paths, so that splitting a file does not break the key.
-TEACHER_MODULES = ("quickstart", "synthetic", "tiny_models", "data", "models", "trainer", "losses", "config")
+TEACHER_MODULES = (
+    "examples.quickstart",
+    "examples.synthetic",
+    "examples.tiny_models",
+    "easydistill.data",
+    "easydistill.models",
+    "easydistill.train",
+    "easydistill.loss",
+    "easydistill.config",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +95,7 @@ def corrupt(records: list[dict], share: float, seed: int) -> tuple[list[dict], i
     sort, letters otherwise) that differs from the right answer: a labeller who sometimes answers garbage.
     Which records, and their wrong answers, are a pure function of (records, share, seed).
     """
-    rng = random.Random(f"easydistill.quickstart.noise:{seed}")
+    rng = random.Random(f"examples.quickstart.noise:{seed}")
     picked = set(rng.sample(range(len(records)), round(share * len(records))))
     out = []
     for i, record in enumerate(records):
@@ -117,21 +126,21 @@ def write_data(recipe: Recipe, data_dir: Path) -> tuple[list[dict], list[dict], 
 
 
 def _source_hashes() -> dict[str, str]:
-    """sha256 of every file of TEACHER_MODULES and of the v1 template, keyed by path inside the package."""
+    """sha256 of every file of TEACHER_MODULES and of the v1 template, keyed by path inside the repository."""
     import importlib
 
     from easydistill.data import V1_TEMPLATE
 
-    package = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]
     files = {V1_TEMPLATE.resolve()}
     for name in TEACHER_MODULES:
-        path = Path(importlib.import_module(f"easydistill.{name}").__file__).resolve()
+        path = Path(importlib.import_module(name).__file__).resolve()
         if path.name == "__init__.py":  # a package: its code and its data files (e.g. config/schema.json)
             files.update(p for p in path.parent.rglob("*") if p.suffix in (".py", ".json", ".jinja"))
         else:
             files.add(path)
     return {
-        str(f.relative_to(package)): hashlib.sha256(f.read_bytes()).hexdigest()
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
         for f in sorted(files)
         if "__pycache__" not in f.parts
     }
@@ -163,7 +172,7 @@ def teacher_config(recipe: Recipe, train_path: Path, init_dir: Path, out_dir: Pa
     from easydistill.data import V1_TEMPLATE
 
     return {
-        "$comment": "The quickstart's teacher: cross-entropy on the synthetic task, built by easydistill.quickstart",
+        "$comment": "The quickstart's teacher: cross-entropy on the synthetic task, built by examples.quickstart",
         "job_type": "kd_black_box_train_only",
         "dataset": {"labeled_path": str(train_path), "template": str(V1_TEMPLATE)},
         "distillation": {"max_seq_length": 64},
@@ -191,7 +200,7 @@ def cached_teacher(
 ) -> tuple[Path, bool]:
     """(teacher folder, reused?). Trained in a temporary sibling and renamed into place when complete."""
     from easydistill.config import load_config
-    from easydistill.trainer import run_training
+    from easydistill.train.trainer import run_training
 
     key = teacher_key(recipe)
     final = cache_root / f"quickstart-teacher-{key}"
@@ -290,7 +299,7 @@ ROW_NAMES = {
 def measure(model_dir: Path, teacher, tokenizer, batches, heldout, template) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from easydistill.evaluate import exact_match_rate, teacher_forced_metrics
+    from easydistill.evaluation.metrics import exact_match_rate, teacher_forced_metrics
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     row = teacher_forced_metrics(model, teacher, batches)
@@ -342,8 +351,8 @@ def run_quickstart(workdir: Path, recipe: Recipe, *, baseline: bool = True, quie
     from easydistill.cli import load_and_check
     from easydistill.config import load_config
     from easydistill.data import build_dataset
-    from easydistill.evaluate import make_batches
-    from easydistill.trainer import run_training
+    from easydistill.evaluation.metrics import make_batches
+    from easydistill.train.trainer import run_training
 
     started = time.perf_counter()
     data_dir, models_dir = workdir / "data", workdir / "models"
@@ -451,7 +460,7 @@ def print_report(report: dict, workdir: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m easydistill.quickstart", description=__doc__.split("\n\n")[0]
+        prog="python -m examples.quickstart", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--workdir", default=SHIPPED_WORKDIR, help=f"where data, models and report go ({SHIPPED_WORKDIR})"

@@ -1,6 +1,6 @@
 """CE + KD of one chunk of label positions together with its gradient w.r.t. the student logits, closed form.
 
-Pure tensor code (imports torch only), used by the fused path (easydistill/fused.py). Values follow
+Pure tensor code (imports torch only), used by the fused path (easydistill/loss/chunked.py). Values follow
 losses.py exactly (same kinds, temperature, vocabulary cut, -inf floor); tests/test_fused.py checks them and
 their gradients against autograd through losses.py. Everything works in place on (n, V) fp32 buffers that
 one call reuses for every chunk: for a 152k vocabulary a fresh (64, V) tensor per operation would cost more

@@ -26,7 +26,7 @@ REPORT_FILES = ("report.json", "report.md", "loss_curves.png")
 
 def attach_report(run, log=print) -> RunReport | None:
     """A RunReport registered on the run's trainer, or None when the config asks for none or cannot have one."""
-    from easydistill.eval import has_eval_split, settings
+    from easydistill.evaluation.heldout import has_eval_split, settings
 
     if not settings(run.cfg).report or not has_eval_split(run.cfg) or not run.eval_examples:
         return None
@@ -45,7 +45,12 @@ class RunReport(TrainerCallback):
     """Evaluations of the student during one run, and the files that describe them."""
 
     def __init__(self, run, *, batch_size: int):
-        from easydistill.eval import eval_records, exact_match_references, settings, with_eval_rows
+        from easydistill.evaluation.heldout import (
+            eval_records,
+            exact_match_references,
+            settings,
+            with_eval_rows,
+        )
 
         self.cfg, self.tokenizer = run.cfg, run.tokenizer
         self.trainer = run.trainer
@@ -65,7 +70,7 @@ class RunReport(TrainerCallback):
         import time
 
         started = time.perf_counter()
-        from easydistill.eval import evaluate_models
+        from easydistill.evaluation.heldout import evaluate_models
 
         trainer = self.trainer
         got = evaluate_models(
@@ -103,8 +108,8 @@ class RunReport(TrainerCallback):
         step = self.trainer.state.global_step
         if last is not None and last["step"] == step and last["label"] != "before training":
             if self.references is not None:
-                from easydistill.evaluate import answers_and_references
-                from easydistill.synthetic import accuracy
+                from easydistill.evaluation.metrics import answers_and_references
+                from examples.synthetic import accuracy
 
                 model = self.trainer.accelerator.unwrap_model(self.trainer.model)
                 answers, refs = answers_and_references(

@@ -1,6 +1,6 @@
 """Held-out figures for a student and its teacher: teacher-forced CE / KL / agreement, and greedy exact match.
 
-    from easydistill.evaluate import make_batches, teacher_forced_metrics, exact_match_rate
+    from easydistill.evaluation.metrics import make_batches, teacher_forced_metrics, exact_match_rate
 
     batches = make_batches(examples, tokenizer.pad_token_id)          # examples from data.build_dataset
     teacher_forced_metrics(student, teacher, batches)  # {"ce", "kl", "top1_agreement", "accuracy", "n_tokens"}
@@ -20,8 +20,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from easydistill import losses, synthetic
 from easydistill.data import IGNORE_INDEX, KDCollator, render_prompt
+from easydistill.loss import divergence as losses
+from examples import synthetic
 
 
 @contextlib.contextmanager

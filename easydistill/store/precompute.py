@@ -4,7 +4,7 @@
     python -m easydistill.kd.infer --config x.json --import-v1 logits.json # convert an EasyDistill v1 file
 
 `prepare_teacher_outputs(cfg)` runs in kd.infer and at the start of kd.train: (1) when the teacher must write the
-data, generate it (easydistill/generate.py); (2) for every teacher with a `logits_path`, make sure a complete
+data, generate it (easydistill/store/answers.py); (2) for every teacher with a `logits_path`, make sure a complete
 store exists there: keep a complete one, convert a v1 JSONL file, or score the training token ids with the
 teacher (kd_white_box, or kd.infer for any job). Scoring reuses `data.build_dataset`, so the stored rows
 describe exactly the ids training sees, train and eval examples alike. See docs/logits.md.
@@ -19,7 +19,7 @@ import torch
 
 from easydistill.data import DataStats, KDCollator, TokenizedExample, build_dataset, tokenized_hash
 from easydistill.errors import UserError
-from easydistill.logits_store import StoreWriter, is_complete, partial_path, store_location
+from easydistill.store.topk import StoreWriter, is_complete, partial_path, store_location
 
 ROW_CHUNK = 1024  # label rows per log_softmax: bounds the fp32 copy of the logits for large vocabularies
 
@@ -51,9 +51,9 @@ def sample_list(train, evaluation) -> dict[str, list[tuple[str, str]]]:
 
 def vocab_width(cfg, teacher_rows: int | None = None) -> int:
     """Columns a stored distribution covers: the shared width of teacher and student, as online KD cuts."""
-    from easydistill.preflight import _embedding_rows
+    from easydistill.model_files import embedding_rows
 
-    student_rows = _embedding_rows(cfg.models.student)
+    student_rows = embedding_rows(cfg.models.student)
     return min(student_rows, teacher_rows) if teacher_rows else student_rows
 
 
@@ -139,7 +139,7 @@ def score_into_store(
 
 def _wait_for(paths: list[Path], what: str) -> None:
     """Ranks other than the first wait for its files (there is no process group before the Trainer)."""
-    from easydistill.cli import print0
+    from easydistill.runtime import print0
 
     told = False
     while not all(p.exists() for p in paths):
@@ -159,7 +159,7 @@ def prepare_teacher_outputs(
     """
     from transformers.utils import logging as hf_logging
 
-    from easydistill import generate
+    from easydistill.store import answers as generate
 
     hf_logging.disable_progress_bar()  # per-file loading bars; ours count examples
     if cfg.job_type in generate.ANSWERING_JOBS and cfg.dataset.instruction_path:
@@ -189,7 +189,7 @@ def prepare_teacher_outputs(
             _wait_for([store], f"the teacher-logits store {store}")
             continue
         if v1_file is not None:
-            from easydistill.v1_logits import import_v1_file
+            from easydistill.store.v1_import import import_v1_file
 
             _, train, evaluation = _examples(cfg, shared)
             log(f"converting EasyDistill v1 logits {v1_file} -> {store}")

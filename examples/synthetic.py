@@ -85,7 +85,7 @@ def make_records(task: str, n: int, seed: int = 0, exclude=()) -> list[dict]:
     if n > available:
         raise ValueError(f"task {task!r} has only {available} distinct instructions left; asked for {n}")
     # A string seed is hashed with SHA-512 by `random`, so this is stable across processes and platforms.
-    rng = random.Random(f"easydistill.synthetic:{task}:{seed}")
+    rng = random.Random(f"examples.synthetic:{task}:{seed}")
     seen: set[str] = set(excluded)
     records = []
     while len(records) < n:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
-from easydistill.fused import kd_step_sums
-from easydistill.on_policy import is_on_policy, on_policy_settings, sample_completions, student_generate
+from easydistill.train.on_policy import is_on_policy, on_policy_settings, sample_completions, student_generate
+from easydistill.train.step import kd_step_sums
 
 # What KDTrainer sums between two logs (order of its running-sums vector).
 SUMS = (
@@ -59,7 +59,7 @@ class KDTrainer(Trainer):
         self.kd_ratio = kd_ratio if self.teachers else 0.0
         self.kind, self.beta, self.skew_alpha = kind, beta, skew_alpha
         self.combine, self.temperature = combine, temperature
-        self.chunk_size = chunk_size  # > 0: the fused chunked loss (easydistill/fused.py)
+        self.chunk_size = chunk_size  # > 0: the fused chunked loss (easydistill/loss/chunked.py)
         # Trainer counts the valid tokens of every optimizer step (all micro-batches, gathered over ranks)
         # only for models that take loss kwargs; our loss always uses that count.
         self.model_accepts_loss_kwargs = True
@@ -202,11 +202,11 @@ def prepare_run(cfg) -> KDRun:
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
-    from easydistill.cli import print0
     from easydistill.data import KDCollator, TokenizedDataset
     from easydistill.errors import UserError
     from easydistill.models import load_student, load_tokenizer, trainable_summary
-    from easydistill.precompute import training_examples
+    from easydistill.runtime import print0
+    from easydistill.store.precompute import training_examples
     from easydistill.teachers import build_teachers
 
     hf_logging.disable_progress_bar()  # per-file loading bars; the training bar is Trainer's own
@@ -255,10 +255,10 @@ def run_training(cfg, report=None) -> dict:
     """Build data, student and teachers from a checked config, train, export. Returns the final metrics."""
     import json
 
-    from easydistill.cli import is_main_process, print0
+    from easydistill.evaluation.report import attach_report
     from easydistill.export import merge_adapter
     from easydistill.preflight import RUN_MARKER
-    from easydistill.report import attach_report
+    from easydistill.runtime import is_main_process, print0
 
     run = prepare_run(cfg)
     trainer, m = run.trainer, cfg.models

@@ -1,6 +1,6 @@
 """Tiny, deterministic Qwen2- and Llama-architecture checkpoints built offline in seconds.
 
-    python -m easydistill.tiny_models --out runs/tiny [--arch qwen2|llama] [--seed 0]
+    python -m examples.tiny_models --out runs/tiny [--arch qwen2|llama] [--seed 0]
 
 builds a teacher and a student sharing one byte-level BPE tokenizer (trained here on
 `synthetic.corpus()`) into OUT/teacher and OUT/student, and prints the two paths. Both folders are
@@ -20,8 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from easydistill import synthetic
 from easydistill.models import quiet_loading
+from examples import synthetic
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
@@ -259,7 +259,7 @@ def _folder_size(path: Path) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m easydistill.tiny_models", description=__doc__.split("\n\n")[0]
+        prog="python -m examples.tiny_models", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--out", required=True, help="folder to write teacher/ and student/ into")
     parser.add_argument("--arch", choices=ARCHS, default="qwen2")

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from easydistill import losses
+from easydistill.loss import divergence as losses
 
 COMBINES = ("weighted_loss", "mixture", "sum", "confidence")
 
