@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from kd_helpers import train, write_records
 
+from examples.tiny_models import point_config_at
+
 REPO = Path(__file__).resolve().parents[1]
 # The quickstart config names the folders the quickstart builds; tests/test_quickstart.py runs it.
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.json") if p.name != "quickstart.json")
@@ -15,20 +17,9 @@ CONFIGS = sorted(p for p in (REPO / "configs").glob("*.json") if p.name != "quic
 
 def on_tiny_models(raw: dict, tiny_pair, data: Path, out: Path) -> dict:
     teacher, student = tiny_pair
-    raw["models"]["student"] = str(student)
-    t = raw["models"].get("teacher")
-    if isinstance(t, str) and t != "self":
-        raw["models"]["teacher"] = str(teacher)
-    elif isinstance(t, list):
-        raw["models"]["teacher"] = [
-            {**e, "path": str(teacher)} if isinstance(e, dict) else str(teacher) for e in t
-        ]
-    raw["dataset"]["labeled_path"] = str(data)
-    if raw["dataset"].get("template"):
-        raw["dataset"]["template"] = str(REPO / raw["dataset"]["template"])
+    point_config_at(raw, teacher, student, data, out, REPO)
     raw["distillation"]["max_seq_length"] = 64
     raw["training"].update(
-        output_dir=str(out),
         max_steps=2,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
