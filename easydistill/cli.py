@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from easydistill.errors import UserError
+from easydistill.errors import UserError, write_failure
 from easydistill.runtime import print0
 
 EXIT_USER_ERROR = 2
@@ -27,6 +27,12 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         code = main(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except OSError as exc:  # a full disk, a read-only mount, a permission: the user's to fix, not a bug
+        error = write_failure(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ base + adapter on real inputs, and only then moved into place: a failed check le
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 
 from easydistill.errors import UserError
+from easydistill.model_checks import adapter_folder_problems
 from easydistill.models import load_causal_lm, load_tokenizer
+from easydistill.run_folder import MERGE_MARKER, replaced_input_problems
 
 FP32_TOLERANCE = 1e-4  # max |logit difference|, merged vs adapter, both run in fp32
 HALF_RELATIVE_TOLERANCE = 2e-2  # for bf16/fp16 merges: relative to the largest |logit|
@@ -67,8 +70,9 @@ def merge_adapter(
 ) -> float:
     """Merge `adapter` into `base`, save to `out`, verify against base + adapter; returns the max difference."""
     out = Path(out)
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter}: no adapter_config.json (not a PEFT adapter folder)")
+    problems = adapter_folder_problems(adapter) + replaced_input_problems(base, adapter, out)
+    if problems:
+        raise UserError("\n".join(problems))
     if not (Path(base) / "config.json").is_file():
         raise UserError(f"{base}: no config.json (not a model folder)")
     tokenizer = load_tokenizer(
@@ -80,6 +84,7 @@ def merge_adapter(
     try:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        (staging / MERGE_MARKER).write_text(json.dumps({"base": str(base), "adapter": str(adapter)}) + "\n")
         del merged
         diff, scale = max_logit_difference(
             staging, base, adapter, sample_input_ids(tokenizer, texts), trust_remote_code

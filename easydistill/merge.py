@@ -3,7 +3,9 @@
     python -m easydistill.merge --base models/student --adapter runs/kd/ --out runs/kd/merged_model
 
 The output folder is a standalone model + tokenizer that AutoModelForCausalLM.from_pretrained loads alone.
-It is written only when its logits match the adapter model's (max difference 1e-4 in fp32).
+It is written only when its logits match the adapter model's (max difference 1e-4 in fp32). --out is never
+--base or --adapter (nor holds them), never a training run; --overwrite replaces only an earlier merge output.
+The adapter's weights must be adapter_model.safetensors (a .bin adapter is a pickle and is refused).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 from easydistill.cli import run
 from easydistill.errors import UserError
+from easydistill.model_checks import adapter_folder_problems
+from easydistill.run_folder import merge_destination_problems
 
 
 def main(argv=None) -> int:
@@ -25,8 +29,10 @@ def main(argv=None) -> int:
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"--out {args.out}: exists and is not empty; pass --overwrite to replace it")
+    problems = merge_destination_problems(args.base, args.adapter, args.out, args.overwrite)
+    problems += [f"--adapter {p}" for p in adapter_folder_problems(args.adapter)]
+    if problems:
+        raise UserError("\n".join(problems))
     from easydistill.export import merge_adapter
 
     diff = merge_adapter(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from easydistill.config import Config
 from easydistill.errors import ConfigError, UserError
+from easydistill.model_checks import adapter_folder_problems, model_folder_problems
 from easydistill.model_files import (
     embedding_rows,
     matches,
@@ -22,8 +23,8 @@ from easydistill.model_files import (
     same_tokenizer_files,
     tokenizer_vocab,
 )
-
-RUN_MARKER = "easydistill_config.json"  # written into output_dir when a run starts
+from easydistill.run_folder import RUN_CONFIG as RUN_MARKER  # noqa: F401  (older name)
+from easydistill.run_folder import output_dir_problems
 
 
 @dataclass
@@ -42,7 +43,9 @@ def _model_folder(path: str, where: str, problems: list[str]) -> bool:
     if not (folder / "config.json").is_file():
         problems.append(f"{where}: {path!r} holds no config.json (expected a save_pretrained model folder)")
         return False
-    return True
+    found = model_folder_problems(folder)  # config.json, safetensors headers, tokenizer files: bytes only
+    problems.extend(f"{where}: {p}" for p in found)
+    return not found
 
 
 def _vocab(path: str, trust_remote_code: bool) -> dict[str, int]:
@@ -123,11 +126,7 @@ def _check_lora(cfg: Config, problems: list[str], report: PreflightReport):
         if not any(matches(n, name) for n in every):
             problems.append(f"$.lora.modules_to_save: {name!r} does not exist in {cfg.models.student!r}")
     if lora.init_from:
-        folder = Path(lora.init_from)
-        if not (folder / "adapter_config.json").is_file():
-            problems.append(
-                f"$.lora.init_from: {lora.init_from!r} holds no adapter_config.json (a PEFT adapter folder)"
-            )
+        problems.extend(f"$.lora.init_from: {p}" for p in adapter_folder_problems(lora.init_from))
 
 
 def _check_data(cfg: Config, problems: list[str], computing_stores: bool = False):
@@ -205,18 +204,6 @@ def _check_logits(cfg: Config, problems: list[str], computing_stores: bool):
             )
 
 
-def _check_output_dir(cfg: Config, problems: list[str]):
-    out = cfg.output_dir
-    resume = cfg.training.resume_from_checkpoint
-    if out.exists() and not out.is_dir():
-        problems.append(f"$.training.output_dir: {str(out)!r} exists and is not a folder")
-    elif (out / RUN_MARKER).exists() and not resume and not cfg.training.overwrite_output_dir:
-        problems.append(
-            f"$.training.output_dir: {str(out)!r} already holds a run; choose another folder, resume it with "
-            "training.resume_from_checkpoint, or set training.overwrite_output_dir to true"
-        )
-
-
 def preflight(
     cfg: Config, *, check_output_dir: bool = True, computing_stores: bool = False
 ) -> PreflightReport:
@@ -243,7 +230,7 @@ def preflight(
             _check_lora(cfg, problems, report)
     _check_data(cfg, problems, computing_stores)
     if check_output_dir:
-        _check_output_dir(cfg, problems)
+        problems += output_dir_problems(cfg)
     if problems:
         raise ConfigError(problems, cfg.source)
     return report

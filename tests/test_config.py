@@ -335,6 +335,7 @@ def test_existing_run_is_not_overwritten(v1_config, tmp_path, capsys):
     out_dir = Path(v1_config["training"]["output_dir"])
     out_dir.mkdir()
     (out_dir / "easydistill_config.json").write_text("{}")
+    (out_dir / "checkpoint-2").mkdir()
     code, _, err = run_validate(v1_config, tmp_path, capsys)
     assert code == 2 and "already holds a run" in err
     assert (out_dir / "easydistill_config.json").read_text() == "{}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -86,7 +85,10 @@ class Config:
         return ", ".join(kinds) if len(self.teachers) > 1 else kinds[0]
 
     def to_json(self) -> str:
-        return json.dumps(self.data, indent=2, sort_keys=False) + "\n"
+        """The resolved config as JSON, secrets redacted (easydistill/redact.py): safe to write out."""
+        from easydistill.redact import redacted_json
+
+        return redacted_json(self.data)
 
 
 def same_folder(a: str, b: str) -> bool:

@@ -159,6 +159,16 @@ class KDTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _hub_token_to_environment(token) -> None:
+    """The hub reads HF_TOKEN; kept out of TrainingArguments, the token is never pickled into training_args.bin."""
+    import os
+
+    from easydistill.redact import REDACTED
+
+    if token and token != REDACTED:
+        os.environ["HF_TOKEN"] = token
+
+
 def training_arguments(cfg):
     """TrainingArguments from the `training` block; the keys we own or map are taken out first."""
     from transformers import TrainingArguments
@@ -167,6 +177,7 @@ def training_arguments(cfg):
 
     values = {k: v for k, v in cfg.training.as_dict().items() if k not in OWN_KEYS and k not in SFT_KEYS}
     values.pop("resume_from_checkpoint", None)  # passed to train(), where Trainer reads it
+    _hub_token_to_environment(values.pop("hub_token", None))
     values.setdefault("report_to", "none")
     values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
@@ -252,22 +263,34 @@ def prepare_run(cfg) -> KDRun:
 
 
 def run_training(cfg, report=None) -> dict:
-    """Build data, student and teachers from a checked config, train, export. Returns the final metrics."""
+    """Build data, student and teachers from a checked config, train, export. Returns the final metrics.
+
+    A full disk, a read-only mount or a permission problem while writing ends as one UserError (exit 2)."""
+    from easydistill.errors import file_system_errors
+
+    run = prepare_run(cfg)
+    trainer, m = run.trainer, cfg.models
+    with file_system_errors(cfg.output_dir):
+        return _train_and_export(cfg, run, trainer, m)
+
+
+def _train_and_export(cfg, run, trainer, m) -> dict:
     import json
 
     from easydistill.evaluation.report import attach_report
     from easydistill.export import merge_adapter
-    from easydistill.preflight import RUN_MARKER
+    from easydistill.run_folder import check_resume, run_id, stamping_callback, start_run
     from easydistill.runtime import is_main_process, print0
 
-    run = prepare_run(cfg)
-    trainer, m = run.trainer, cfg.models
+    resume = cfg.training.resume_from_checkpoint or None
+    if resume:
+        check_resume(cfg, resume)  # the checkpoint must be this run's (before any marker is rewritten)
     if is_main_process():
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.output_dir / RUN_MARKER).write_text(cfg.to_json())
+        start_run(cfg, log=print0)  # models and data are loaded: the run is known to start
+    trainer.accelerator.wait_for_everyone()
+    trainer.add_callback(stamping_callback(run_id(cfg.output_dir)))
     # Held-out figures before / after (and at each Trainer evaluation) for report.json, report.md, the plot.
     reporter = attach_report(run, log=print0)
-    resume = cfg.training.resume_from_checkpoint or None
     if reporter is not None and not resume:  # a resumed run's "before" is its checkpoint, loaded in train()
         reporter.before()
     result = trainer.train(resume_from_checkpoint=resume)
