@@ -78,10 +78,10 @@ def weights_problems(folder: Path) -> list[str]:
         pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         if pickles:
             return [
-                f"{folder}: holds weights only as {', '.join(pickles[:3])} (pickle); easydistill loads safetensors "
-                "only: convert them (save_pretrained(..., safe_serialization=True)) in an environment you trust"
+                f"{folder}: holds no model.safetensors, only {', '.join(pickles[:3])} (pickle); easydistill loads "
+                "safetensors only: convert them (save_pretrained(..., safe_serialization=True)) in an environment you trust"
             ]
-        return [f"{folder}: holds no model weights (*.safetensors)"]
+        return [f"{folder}: holds no model.safetensors (or model.safetensors.index.json)"]
     return [p for p in map(safetensors_problem, files) if p]
 
 

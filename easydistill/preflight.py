@@ -13,7 +13,7 @@ from pathlib import Path
 
 from easydistill.config import Config
 from easydistill.errors import ConfigError, UserError
-from easydistill.model_checks import adapter_folder_problems, model_folder_problems
+from easydistill.model_checks import adapter_folder_problems, model_folder_problems, weights_problems
 from easydistill.model_files import (
     embedding_rows,
     matches,
@@ -35,7 +35,7 @@ class PreflightReport:
     vocab: dict[str, int] = field(default_factory=dict)  # folder name -> embedding rows
 
 
-def _model_folder(path: str, where: str, problems: list[str]) -> bool:
+def _model_folder(path: str, where: str, problems: list[str], *, weights: bool = True) -> bool:
     folder = Path(path)
     if not folder.is_dir():
         problems.append(f"{where}: {path!r} is not a folder")
@@ -43,9 +43,10 @@ def _model_folder(path: str, where: str, problems: list[str]) -> bool:
     if not (folder / "config.json").is_file():
         problems.append(f"{where}: {path!r} holds no config.json (expected a save_pretrained model folder)")
         return False
-    found = model_folder_problems(folder)  # config.json, safetensors headers, tokenizer files: bytes only
-    problems.extend(f"{where}: {p}" for p in found)
-    return not found
+    # Read as bytes: config.json, tokenizer files, the weights' safetensors headers against the files' sizes.
+    found = model_folder_problems(folder, needs_weights=False)
+    problems.extend(f"{where}: {p}" for p in found + (weights_problems(folder) if weights else []))
+    return not found  # the tokenizers can be compared (broken weights do not stop that)
 
 
 def _vocab(path: str, trust_remote_code: bool) -> dict[str, int]:
@@ -102,11 +103,7 @@ def _check_lora(cfg: Config, problems: list[str], report: PreflightReport):
         problems.append(f"$.models.student: cannot read the safetensors header in {student!r}: {exc}")
         return
     if shapes is None:
-        problems.append(
-            f"$.models.student: {student!r} holds no model.safetensors (or model.safetensors.index.json); "
-            "easydistill loads safetensors weights only"
-        )
-        return
+        return  # no safetensors weights: _model_folder has said so
     linear_names, every = module_names(shapes, model_config(student))
     linear = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
     report.linear_modules = linear
@@ -222,7 +219,7 @@ def preflight(
         where = "$.models.teacher" if isinstance(teacher, str) else f"$.models.teacher[{i}]"
         if spec.kind == "cached" and not os.path.isdir(spec.path):
             continue  # v1 keeps the teacher's path beside its logits; the folder may be gone
-        if _model_folder(spec.path, where, problems):
+        if _model_folder(spec.path, where, problems, weights=spec.kind != "cached"):
             folders[where] = spec.path
     if "$.models.student" in folders:
         _compare_tokenizers(cfg, folders, problems, report)
