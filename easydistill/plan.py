@@ -3,24 +3,10 @@
     python -m easydistill.plan --config configs/kd_white_box.json
     python -m easydistill.plan --config configs/kd_white_box.json --measure 3   # CPU: run 3 steps, compare
 
-Parameter counts come from each model's config.json, built on the meta device (no weights read); LoRA
-parameters from the targeted linear layers' shapes; bytes from the configured dtypes. The terms:
-
-  weights      every parameter of the student, of each online teacher (a self-teacher shares the student's)
-  gradients    one per trainable parameter, in its dtype (alive from backward until the optimizer step)
-  optimizer    AdamW: exp_avg and exp_avg_sq per trainable parameter, in its dtype
-  activations  what autograd saves for backward in each decoder layer (see `layer_activation_elements`)
-  logits/loss  the tensors KDTrainer.compute_loss holds at its peak (see `loss_terms`)
-
-and the peak of a step is the weights and optimizer states plus the largest of three moments: the loss's
-forward (activations + its tensors), the start of backward (activations + the loss's saved tensors + the
-gradients in flight), the optimizer step (every gradient). Assumed, and said in the output: every position of
-every sequence is a label position and every batch is padded to max_seq_length (an upper bound for the logits
-terms); a Llama-style decoder layer (RMSNorm, rotary attention with grouped KV heads, gated MLP: Llama, Qwen2,
-Mistral) run by a fused attention kernel (no T x T matrix saved; with padding the KV heads are repeated to the
-query heads); no gradient checkpointing unless the config turns it on; AdamW. Not counted: the CUDA context,
-allocator caching and fragmentation, framework workspaces, the data loader. docs/memory.md explains the
-accounting and how `--measure` (and tests/test_plan.py) compares it with a real run.
+Prints what one KD training step holds on each device, term by term (weights, gradients, optimizer states,
+activations, the loss's tensors) and the step's peak, from config.json files alone: no weights load. The
+accounting and its assumptions are easydistill/memory_plan.py's docstring and docs/memory.md; `--measure N`
+runs N real steps on the CPU in a fresh process (easydistill/memory_measure.py) and compares.
 """
 
 from __future__ import annotations
@@ -30,7 +16,8 @@ from pathlib import Path
 
 from easydistill.cli import config_parser, load_and_check, run
 from easydistill.errors import UserError
-from easydistill.memory_plan import MIB, make_plan, measure
+from easydistill.memory_measure import measure
+from easydistill.memory_plan import MIB, make_plan
 from easydistill.runtime import print0
 
 

@@ -25,35 +25,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from easydistill.models import quiet_loading
 from easydistill.runtime import print0
 from examples import synthetic, tiny_models
+from examples.quickstart_figures import compare, format_table, measure
+from examples.quickstart_teacher import cached_teacher
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PATH = REPO_ROOT / "configs" / "quickstart.json"
 SHIPPED_WORKDIR = "runs/quickstart"  # the prefix of every path configs/quickstart.json writes to
-TEACHER_MARKER = "quickstart_teacher.json"  # written last into a cached teacher: its presence means complete
-# Modules whose code decides the cached teacher's weights (a package counts with all its files); an edit
-# to any of them retrains it. Named as modules, not paths, so that splitting a file does not break the key.
-TEACHER_MODULES = (
-    "examples.quickstart",
-    "examples.synthetic",
-    "examples.tiny_models",
-    "easydistill.data",
-    "easydistill.models",
-    "easydistill.train",
-    "easydistill.loss",
-    "easydistill.config",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,117 +109,6 @@ def write_data(recipe: Recipe, data_dir: Path) -> tuple[list[dict], list[dict], 
     return train, heldout, n_wrong
 
 
-# ---------------------------------------------------------------- the teacher, trained once and cached
-
-
-def _source_hashes() -> dict[str, str]:
-    """sha256 of every file of TEACHER_MODULES and of the v1 template, keyed by path inside the repository."""
-    import importlib
-
-    from easydistill.data import V1_TEMPLATE
-
-    root = Path(__file__).resolve().parents[1]
-    files = {V1_TEMPLATE.resolve()}
-    for name in TEACHER_MODULES:
-        path = Path(importlib.import_module(name).__file__).resolve()
-        if path.name == "__init__.py":  # a package: its code and its data files (e.g. config/schema.json)
-            files.update(p for p in path.parent.rglob("*") if p.suffix in (".py", ".json", ".jinja"))
-        else:
-            files.add(path)
-    return {
-        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(files)
-        if "__pycache__" not in f.parts
-    }
-
-
-def teacher_key(recipe: Recipe) -> str:
-    """Hash of what decides the teacher's weights: its recipe, the library versions, our source files."""
-    import accelerate
-    import tokenizers
-    import torch
-    import transformers
-
-    parts = {
-        "recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if not k.startswith("student_")},
-        "architecture": tiny_models.TEACHER,
-        "versions": [
-            torch.__version__,
-            transformers.__version__,
-            tokenizers.__version__,
-            accelerate.__version__,
-        ],
-        "sources": _source_hashes(),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def teacher_config(recipe: Recipe, train_path: Path, init_dir: Path, out_dir: Path, quiet: bool) -> dict:
-    """Plain cross-entropy on the labels (a black-box job without a teacher) for the randomly initialised teacher."""
-    from easydistill.data import V1_TEMPLATE
-
-    return {
-        "$comment": "The quickstart's teacher: cross-entropy on the synthetic task, built by examples.quickstart",
-        "job_type": "kd_black_box_train_only",
-        "dataset": {"labeled_path": str(train_path), "template": str(V1_TEMPLATE)},
-        "distillation": {"max_seq_length": 64},
-        "models": {"student": str(init_dir)},
-        "training": {
-            "output_dir": str(out_dir),
-            "overwrite_output_dir": True,
-            "max_steps": recipe.teacher_steps,
-            "per_device_train_batch_size": recipe.teacher_batch,
-            "learning_rate": recipe.teacher_lr,
-            "lr_scheduler_type": "cosine",
-            "warmup_steps": 0.05,
-            "weight_decay": 0.0,
-            "logging_steps": max(recipe.teacher_steps // 4, 1),
-            "save_strategy": "no",
-            "seed": recipe.seed,
-            "report_to": "none",
-            "disable_tqdm": quiet,
-        },
-    }
-
-
-def cached_teacher(
-    recipe: Recipe, tokenizer, train_path: Path, cache_root: Path, quiet: bool
-) -> tuple[Path, bool]:
-    """(teacher folder, reused?). Trained in a temporary sibling and renamed into place when complete."""
-    from easydistill.config import load_config
-    from easydistill.train.trainer import run_training
-
-    key = teacher_key(recipe)
-    final = cache_root / f"quickstart-teacher-{key}"
-    if (final / TEACHER_MARKER).is_file():
-        print0(f"teacher: reusing the cached teacher {final}")
-        return final, True
-    print0(f"teacher: training once with cross-entropy, {recipe.teacher_steps} steps (cached as {final})")
-    cache_root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".quickstart-teacher-{key}-", dir=cache_root))
-    try:
-        rows = (len(tokenizer) // 64 + 1) * 64  # padded embedding rows, as Qwen ships them
-        init = tiny_models.build_model(
-            work / "init", tokenizer=tokenizer, padded_vocab=rows, seed=recipe.seed, **tiny_models.TEACHER
-        )
-        out = work / "teacher"
-        started = time.perf_counter()
-        metrics = run_training(load_config(teacher_config(recipe, train_path, init, out, quiet)))
-        marker = {"key": key, "recipe": dataclasses.asdict(recipe), "seconds": time.perf_counter() - started}
-        marker["train_loss"] = metrics.get("train_loss")
-        (out / TEACHER_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if final.exists() and not (final / TEACHER_MARKER).is_file():
-            shutil.rmtree(final)  # left half-written by something else: ours is complete
-        try:
-            os.replace(out, final)
-        except OSError:  # another process renamed its complete copy into place first
-            if not (final / TEACHER_MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return final, False
-
-
 # ---------------------------------------------------------------- the KD config and its baseline
 
 
@@ -277,69 +153,6 @@ def ce_only_config(kd: dict, workdir: Path) -> dict:
     ce["distillation"]["kd_ratio"] = 0.0
     ce["training"]["output_dir"] = str(workdir / "student_ce_only")
     return ce
-
-
-# ---------------------------------------------------------------- figures
-
-
-COLUMNS = (
-    ("ce", "CE/token"),
-    ("kl", "KL(T||S)/token"),
-    ("top1_agreement", "top-1 agree"),
-    ("exact_match", "exact match"),
-)
-ROW_NAMES = {
-    "teacher": "teacher (reference)",
-    "student_before": "student before",
-    "student_kd": "student after KD",
-    "student_ce_only": "student after CE-only",
-}
-
-
-def measure(model_dir: Path, teacher, tokenizer, batches, heldout, template) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from easydistill.evaluation.metrics import exact_match_rate, teacher_forced_metrics
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    row = teacher_forced_metrics(model, teacher, batches)
-    row["exact_match"] = exact_match_rate(model, tokenizer, heldout, template)
-    return row
-
-
-def format_table(rows: dict[str, dict]) -> str:
-    head = f"{'held-out':24s}" + "".join(f"{title:>16s}" for _, title in COLUMNS)
-    lines = [head, "-" * len(head)]
-    for name, row in rows.items():
-        # CE and KL span 1e-4..6 between an untrained and a converged model: significant digits, not decimals.
-        cells = [f"{row[key]:16.4g}" if key in ("ce", "kl") else f"{row[key]:16.4f}" for key, _ in COLUMNS]
-        lines.append(f"{ROW_NAMES[name]:24s}" + "".join(cells))
-    return "\n".join(lines)
-
-
-KL_TOLERANCE = 0.05  # relative; paired KD and CE-only runs of one seed differed by up to 4% in our sweeps
-
-
-def compare(kd: dict, ce: dict, n_heldout: int) -> dict:
-    """KD vs CE-only at equal steps: held-out KL (lower is better) and exact match (higher is better)."""
-    if kd["kl"] < ce["kl"] * (1 - KL_TOLERANCE):
-        kl_verdict = "KD lower"
-    elif ce["kl"] < kd["kl"] * (1 - KL_TOLERANCE):
-        kl_verdict = "CE-only lower"
-    else:
-        kl_verdict = f"tie (within {KL_TOLERANCE:.0%})"
-    records = round((kd["exact_match"] - ce["exact_match"]) * n_heldout)
-    if records:
-        em_verdict = (
-            f"{'KD' if records > 0 else 'CE-only'} right on {abs(records)} more of {n_heldout} records"
-        )
-    else:
-        em_verdict = "tie"
-    return {
-        "kl": {"kd": kd["kl"], "ce_only": ce["kl"], "verdict": kl_verdict},
-        "exact_match": {"kd": kd["exact_match"], "ce_only": ce["exact_match"], "verdict": em_verdict},
-        "kd_beats_ce_only": kl_verdict == "KD lower" and records > 0,
-    }
 
 
 # ---------------------------------------------------------------- the run
@@ -400,10 +213,10 @@ def run_quickstart(workdir: Path, recipe: Recipe, *, baseline: bool = True, quie
     # Exactly what runs, so that `kd.train --config` can repeat it when workdir is not the shipped one.
     (workdir / "kd_config.json").write_text(json.dumps(kd, indent=2) + "\n")
     cfg, _ = load_and_check(kd)  # the checks kd.train runs: schema, cross-field rules, preflight
-    run_training(cfg)
+    run_training(cfg, reference=synthetic.reference())
     if baseline:
         print0("[5/5] baseline: the same student, data, steps and optimizer, cross-entropy only")
-        run_training(load_config(ce_only))
+        run_training(load_config(ce_only), reference=synthetic.reference())
     else:
         print0("[5/5] baseline: skipped (--no-baseline)")
 

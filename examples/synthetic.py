@@ -97,19 +97,19 @@ def make_records(task: str, n: int, seed: int = 0, exclude=()) -> list[dict]:
     return records
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    """Right iff equal after stripping surrounding whitespace."""
-    return prediction.strip() == reference.strip()
+def right_answer(record: dict) -> str:
+    """The right answer to a chat record's last user turn; ValueError when it is no task's instruction."""
+    from easydistill.evaluation.exact_match import last_turn
+
+    return answer(None, last_turn(record, "user") or "")
 
 
-def accuracy(predictions, references) -> float:
-    """Fraction of exact matches (0.0 for no pairs)."""
-    predictions, references = list(predictions), list(references)
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return 0.0
-    return sum(exact_match(p, r) for p, r in zip(predictions, references)) / len(references)
+def reference():
+    """The exact-match plug-in the quickstart passes to the library: held-out answers are judged against the
+    task's right answer, not the record's label (the quickstart's training labels are noisy)."""
+    from easydistill.evaluation.exact_match import Reference
+
+    return Reference("the synthetic task's right answer (examples/synthetic.py)", right_answer)
 
 
 def corpus(seed: int = 0) -> list[str]:

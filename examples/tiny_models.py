@@ -13,11 +13,7 @@ caller's global torch RNG state.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from easydistill.models import quiet_loading
@@ -42,8 +38,6 @@ ARCHS = ("qwen2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
 TEACHER = {"hidden_size": 96, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
 STUDENT = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
-# Bump when a change here should invalidate caches even though this file's bytes hash covers most edits.
-BUILD_VERSION = 1
 
 
 def build_tokenizer(texts=None, vocab_size: int = 320):
@@ -215,62 +209,8 @@ def point_config_at(raw: dict, teacher, student, data, output_dir, repo_root=Non
     return raw
 
 
-def _cache_key(arch: str) -> str:
-    import tokenizers
-    import torch
-    import transformers
-
-    parts = {
-        "build_version": BUILD_VERSION,
-        "arch": arch,
-        "versions": [transformers.__version__, tokenizers.__version__, torch.__version__],
-        "sources": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (synthetic.__file__, __file__)],
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def default_cache_root() -> Path:
     return Path(os.environ.get("EASYDISTILL_CACHE") or Path.home() / ".cache" / "easydistill")
-
-
-COMPLETE_MARKER = "build.json"
-
-
-def cached_tiny_models(cache_dir=None, arch: str = "qwen2") -> tuple[Path, Path]:
-    """(teacher_dir, student_dir) built once under `cache_dir` and reused.
-
-    The pair lives in `cache_dir/tiny-<arch>-<key>` (cache_dir default: $EASYDISTILL_CACHE or
-    ~/.cache/easydistill), where the key covers this code and the library versions. It is built in a
-    temporary sibling folder and renamed into place, so a crash never leaves a half-written cache and
-    concurrent callers end up sharing one complete copy.
-    """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    key = _cache_key(arch)
-    final = root / f"tiny-{arch}-{key}"
-    if (final / COMPLETE_MARKER).is_file():
-        return final / "teacher", final / "student"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}-{key}-", dir=root))
-    try:
-        build_pair(tmp, arch=arch)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"arch": arch, "key": key}, indent=2) + "\n")
-        if final.exists():  # left by an interrupted run of an older layout, or unmarked: replace it
-            if (final / COMPLETE_MARKER).is_file():  # another process won the race
-                shutil.rmtree(tmp)
-                return final / "teacher", final / "student"
-            shutil.rmtree(final)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process renamed its complete copy into place first
-            if not (final / COMPLETE_MARKER).is_file():
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final / "teacher", final / "student"
 
 
 def _folder_size(path: Path) -> int:

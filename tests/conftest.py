@@ -47,10 +47,20 @@ def tiny_llama_pair(tmp_path_factory) -> tuple[Path, Path]:
     return build_pair(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tiny_pair) -> Path:
-    """A folder `AutoTokenizer.from_pretrained` loads: the shared tokenizer of `tiny_pair`."""
-    return tiny_pair[1]
+@pytest.fixture(scope="module")
+def student(tiny_pair):
+    """The tiny pair's student loaded in eval mode, one per test module (a test may change it and restore it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_pair[1]).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_pair):
+    """The tiny pair's shared tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_pair[1])
 
 
 @pytest.fixture(scope="session")

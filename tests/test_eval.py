@@ -111,27 +111,6 @@ def test_stored_top_k_teacher_coverage_kl_and_ce_by_hand():
     assert teacher["accuracy"] == 0.5
 
 
-def test_exact_match_references_only_for_checkable_records():
-    from easydistill.evaluation.heldout import exact_match_references
-
-    def chat(instruction, output):
-        return {
-            "id": instruction,
-            "messages": [
-                {"role": "user", "content": instruction},
-                {"role": "assistant", "content": output},
-            ],
-        }
-
-    noisy = [chat("reverse: abc", "xyz"), chat("3+4=", "7")]
-    fixed, why = exact_match_references(noisy, "auto")
-    assert [r["messages"][-1]["content"] for r in fixed] == ["cba", "7"]  # the checked answer, not the label
-    free = [chat("Tell me a story", "Once")]
-    assert exact_match_references(free, "auto")[0] is None
-    assert exact_match_references(free, "always")[0] == free
-    assert exact_match_references(noisy, "never")[0] is None
-
-
 # ---------------------------------------------------------------- the command
 
 

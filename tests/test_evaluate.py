@@ -1,4 +1,4 @@
-"""easydistill.evaluation.metrics: teacher-forced figures against a float64 reference, greedy decoding against a no-cache loop."""
+"""easydistill.evaluation: teacher-forced figures against a float64 reference; exact match of greedy answers."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from easydistill.data import IGNORE_INDEX, V1_TEMPLATE, load_records, render_and_tokenize
-from easydistill.evaluation.metrics import (
-    answers_and_references,
-    exact_match_rate,
-    greedy_generate,
-    make_batches,
-    teacher_forced_metrics,
-)
+from easydistill.evaluation import exact_match
+from easydistill.evaluation.exact_match import exact_match_rate
+from easydistill.evaluation.metrics import make_batches, teacher_forced_metrics
 from examples import synthetic
 
 
@@ -94,16 +90,6 @@ def test_one_teacher_row_with_known_kl():
 
 
 @pytest.fixture(scope="module")
-def student(tiny_pair):
-    return AutoModelForCausalLM.from_pretrained(tiny_pair[1]).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_pair):
-    return AutoTokenizer.from_pretrained(tiny_pair[1])
-
-
-@pytest.fixture(scope="module")
 def batches(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("evaluate") / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in synthetic.make_records("sort", 10, seed=0)))
@@ -126,65 +112,48 @@ def test_a_padded_teacher_is_compared_on_the_shared_vocabulary(tiny_pair, studen
     assert 0.0 < got["kl"] < 10.0 and 0.0 <= got["top1_agreement"] <= 1.0
 
 
-def reference_greedy(model, tokenizer, prompt: str, max_new_tokens: int, stop: set[int]) -> str:
-    """One prompt, no padding, no cache: the whole sequence again at every step."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    new = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([ids + new])).logits
-            token = int(logits[0, -1].argmax())
-            if token in stop:
-                break
-            new.append(token)
-    return tokenizer.decode(new, skip_special_tokens=True)
-
-
-PROMPTS = [
-    "<|im_start|>user\nsort: 5183<|im_end|>\n<|im_start|>assistant\n",
-    "12+7=",
-    "reverse: abcdefgh abc",
-    "a",
-]
-
-
-def test_greedy_generate_batched_equals_one_by_one_without_cache(student, tokenizer):
-    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    expected = [reference_greedy(student, tokenizer, p, 6, stop) for p in PROMPTS]
-    assert greedy_generate(student, tokenizer, PROMPTS, 6) == expected  # one left-padded batch
-    assert greedy_generate(student, tokenizer, PROMPTS, 6, batch_size=3) == expected  # a batch of 3, then 1
-
-
-def test_greedy_generate_stops_at_eos(student, tokenizer):
-    # A random model rarely says eos: make a token it does produce the stop token.
-    free = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    continuations = []
-    for ids in free:
-        new = []
-        with torch.no_grad():
-            for _ in range(6):
-                new.append(int(student(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax()))
-        continuations.append(new)
-    stop_token = next(row[k] for row in continuations for k in range(1, 6) if row[k] not in row[:k])
-    saved = student.generation_config.eos_token_id
-    student.generation_config.eos_token_id = [stop_token]
-    try:
-        stop = {tokenizer.eos_token_id, stop_token}
-        expected = [reference_greedy(student, tokenizer, p, 6, stop) for p in PROMPTS]
-        got = greedy_generate(student, tokenizer, PROMPTS, 6)
-    finally:
-        student.generation_config.eos_token_id = saved
-    assert got == expected
-    assert any(len(tokenizer(g, add_special_tokens=False)["input_ids"]) < 6 for g in got)  # some row stopped
-
-
-def test_exact_match_rate_compares_greedy_answers_with_outputs(student, tokenizer):
+def test_exact_match_compares_greedy_answers_with_outputs(student, tokenizer):
     records = synthetic.make_records("reverse", 6, seed=0)
-    answers, references = answers_and_references(student, tokenizer, records, max_new_tokens=5)
-    assert references == [r["output"] for r in records]
+    found, basis = exact_match.plan(records)
+    assert found.references == [r["output"] for r in records] and "each eval record's output" in basis
+    answers = exact_match.greedy_answers(student, tokenizer, found.chats, found.references, max_new_tokens=5)
     own = [{"instruction": r["instruction"], "output": a} for r, a in zip(records, answers)]
     # Its own answers are right by definition; the v1 template renders the same ChatML prompt.
     assert exact_match_rate(student, tokenizer, own, max_new_tokens=5) == 1.0
     assert exact_match_rate(student, tokenizer, own, V1_TEMPLATE, max_new_tokens=5) == 1.0
     half = [dict(r, output=r["output"] + "x") if i % 2 else r for i, r in enumerate(own)]
     assert exact_match_rate(student, tokenizer, half, max_new_tokens=5) == 0.5
+    spaced = [dict(r, output=f"  {r['output']} \n") for r in own]  # whitespace is normalised
+    assert exact_match_rate(student, tokenizer, spaced, max_new_tokens=5) == 1.0
+
+
+def test_match_rate_normalises_whitespace_only():
+    assert exact_match.match_rate([" 19\n", "a  b", "190", "A"], ["19", "a b", "19", "a"]) == 0.5
+    assert exact_match.match_rate([], []) == 0.0
+    with pytest.raises(ValueError):
+        exact_match.match_rate(["1"], [])
+
+
+def test_a_plugged_in_reference_judges_noisy_labels():
+    def chat(instruction, output):
+        return {
+            "id": instruction,
+            "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}],
+        }
+
+    def reverse(record):
+        text = exact_match.last_turn(record, "user")
+        if not text.startswith("reverse: "):
+            raise ValueError(text)
+        return text.removeprefix("reverse: ")[::-1]
+
+    checker = exact_match.Reference("the reverse task", reverse)
+    noisy = [chat("reverse: abc", "xyz"), chat("reverse: ab", "ba")]
+    found, basis = exact_match.plan(noisy, "auto", checker)
+    assert found.references == ["cba", "ba"] and basis.endswith("reference: the reverse task")
+    assert exact_match.plan(noisy, "always", checker)[0].references == ["xyz", "ba"]  # the records' outputs
+    mixed = [*noisy, chat("Tell me a story", "Once")]  # the checker cannot judge every record
+    assert exact_match.plan(mixed, "auto", checker)[0].references == ["xyz", "ba", "Once"]
+    assert exact_match.plan(noisy, "never", checker)[0] is None
+    prompt_only = [{"id": "1", "messages": [{"role": "user", "content": "hi"}]}]
+    assert exact_match.plan(prompt_only)[0] is None

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from kd_helpers import train_on_two_ranks
 
 from easydistill.loss import divergence as losses
 from easydistill.loss.chunked import fused_head_loss
@@ -433,36 +432,3 @@ def test_training_with_chunks_equals_training_without(tiny_pair, tmp_path):
         updates.append(load_adapter_weights(out))
     assert max(float(v.abs().max()) for k, v in updates[0].items() if "lora_B" in k) > 1e-3
     assert max_abs_diff(*updates) < 1e-5
-
-
-@pytest.mark.multiproc
-def test_fused_two_processes_equal_one_process(tiny_pair, tmp_path):
-    """2 gloo ranks x batch 2 give the update of 1 process x batch 4: the student's hidden states come out
-    of the DDP-wrapped forward, so gradient sync sees the fused path's backward."""
-    import inspect
-
-    from kd_helpers import kd_config, load_adapter_weights, max_abs_diff, train, write_records
-
-    from easydistill.train.trainer import KDTrainer
-
-    if "chunk_size" not in inspect.signature(KDTrainer.__init__).parameters:
-        pytest.skip("easydistill/trainer.py does not pass distillation.chunk_size on yet (see fused.py)")
-    data = write_records(tmp_path / "train.jsonl", n=8)
-    sgd = {"optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "lr_scheduler_type": "constant"}
-    common = dict(
-        distillation={"chunk_size": 5, "distillation_type": "jsd"},
-        models={"teacher": ["self", str(tiny_pair[0])]},
-    )
-    train(kd_config(tiny_pair, data, tmp_path / "one", training={**sgd, "max_steps": 1}, **common))
-    two = kd_config(
-        tiny_pair,
-        data,
-        tmp_path / "two",
-        training={**sgd, "max_steps": 1, "per_device_train_batch_size": 2},
-        **common,
-    )
-    proc = train_on_two_ranks(two, tmp_path / "two.json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = load_adapter_weights(tmp_path / "one"), load_adapter_weights(tmp_path / "two")
-    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3
-    assert max_abs_diff(one, two) < 1e-5

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kd_helpers import kd_config, prepare, train_on_two_ranks, write_records
+from kd_helpers import kd_config, prepare, write_records
 
 from easydistill.cli import run
 from easydistill.config import load_config
@@ -218,29 +218,3 @@ def test_cached_teacher_in_a_teacher_list(tiny_pair, data, full_store, tmp_path,
     with torch.no_grad():
         got, want = (r.trainer.compute_loss(model, batch) for r in (both, one))
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
-
-
-@pytest.mark.multiproc
-def test_two_ranks_compute_then_share_the_store(tiny_pair, data, tmp_path):
-    """kd_white_box, store missing: rank 0 scores it while rank 1 waits; 2 ranks x batch 2 then make the same
-    update as the online teacher in 1 process x batch 4."""
-
-    from kd_helpers import load_adapter_weights, max_abs_diff, train
-
-    sgd = {"optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "lr_scheduler_type": "constant"}
-    train(kd_config(tiny_pair, data, tmp_path / "one", training={**sgd, "max_steps": 1}))
-    two = kd_config(
-        tiny_pair,
-        data,
-        tmp_path / "two",
-        job_type="kd_white_box",
-        dataset={"logits_path": str(tmp_path / "logits")},
-        inference={"top_logits_num": 100_000},
-        training={**sgd, "max_steps": 1, "per_device_train_batch_size": 2},
-    )
-    proc = train_on_two_ranks(two, tmp_path / "two.json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert TopKLogitsStore(tmp_path / "logits").count("train") == 12
-    one, both = load_adapter_weights(tmp_path / "one"), load_adapter_weights(tmp_path / "two")
-    assert max(float(v.abs().max()) for k, v in one.items() if "lora_B" in k) > 1e-3
-    assert max_abs_diff(one, both) < 1e-4

@@ -18,6 +18,7 @@ CONFIGS = sorted(p for p in (REPO / "configs").glob("*.json") if p.name != "quic
 def on_tiny_models(raw: dict, tiny_pair, data: Path, out: Path) -> dict:
     teacher, student = tiny_pair
     point_config_at(raw, teacher, student, data, out, REPO)
+    raw["dataset"].setdefault("eval_ratio", 0.25)  # every config gets the run report (kd_white_box has one)
     raw["distillation"]["max_seq_length"] = 64
     raw["training"].update(
         max_steps=2,
@@ -43,3 +44,9 @@ def test_shipped_config_runs(path, tiny_pair, tmp_path):
     n_teachers = len(raw["models"]["teacher"]) if isinstance(raw["models"]["teacher"], list) else 1
     if n_teachers > 1:
         assert all(f"kd_loss/{t['name']}" in log[0] for t in raw["models"]["teacher"])
+    # Exact match on the configs' kind of data (records with outputs), before and after training
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert "each eval record's output" in report["exact_match_basis"]
+    assert [e["label"] for e in report["evaluations"]] == ["before training", "after training"]
+    assert all(0.0 <= e["exact_match"] <= 1.0 for e in report["evaluations"])
+    assert metrics["heldout_exact_match"] == report["evaluations"][-1]["exact_match"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from examples import synthetic, tiny_models
-from examples.tiny_models import build_model, build_tokenizer, cached_tiny_models
+from examples.tiny_models import build_model, build_tokenizer
 
 MESSAGES = [{"role": "user", "content": "12+7="}, {"role": "assistant", "content": "19"}]
 
@@ -72,12 +72,14 @@ def test_bad_inputs_are_refused():
         synthetic.answer(None, "hello")
 
 
-def test_exact_match_and_accuracy():
-    assert synthetic.exact_match(" 19\n", "19")
-    assert not synthetic.exact_match("190", "19")
-    assert synthetic.accuracy(["19", "x", " 3"], ["19", "2", "3"]) == pytest.approx(2 / 3)
+def test_the_exact_match_plug_in_judges_by_the_task():
+    chat = {
+        "messages": [{"role": "user", "content": "reverse: abc"}, {"role": "assistant", "content": "zzz"}]
+    }
+    plug_in = synthetic.reference()
+    assert plug_in.answer(chat) == "cba"  # the task's right answer, not the record's label
     with pytest.raises(ValueError):
-        synthetic.accuracy(["1"], [])
+        plug_in.answer({"messages": [{"role": "user", "content": "Tell me a story"}]})
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -214,41 +216,7 @@ def test_options_tied_bf16_and_padding(tmp_path, tok):
         build_model(tmp_path / "p", tokenizer=tok, dtype="int8")
 
 
-# ---------------------------------------------------------------- cache and CLI
-
-
-def test_cache_is_built_once_and_reused(tmp_path, monkeypatch):
-    calls = []
-    real_build_pair = tiny_models.build_pair
-
-    def counting_build_pair(*args, **kwargs):
-        calls.append(args)
-        return real_build_pair(*args, **kwargs)
-
-    monkeypatch.setattr(tiny_models, "build_pair", counting_build_pair)
-    teacher, student = cached_tiny_models(tmp_path)
-    assert len(calls) == 1
-    mtime = (student / "model.safetensors").stat().st_mtime_ns
-    assert cached_tiny_models(tmp_path) == (teacher, student)
-    assert len(calls) == 1
-    assert (student / "model.safetensors").stat().st_mtime_ns == mtime
-    assert [p.name for p in tmp_path.iterdir()] == [teacher.parent.name]  # no temporary folder left
-    assert teacher.parent.name.startswith("tiny-qwen2-")
-
-    monkeypatch.setenv("EASYDISTILL_CACHE", str(tmp_path))
-    assert cached_tiny_models() == (teacher, student)
-    assert len(calls) == 1
-
-
-def test_cache_failure_leaves_nothing(tmp_path, monkeypatch):
-    def failing_build_pair(root, **kwargs):
-        (Path(root) / "teacher").mkdir()
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(tiny_models, "build_pair", failing_build_pair)
-    with pytest.raises(RuntimeError, match="disk full"):
-        cached_tiny_models(tmp_path, arch="llama")
-    assert list(tmp_path.iterdir()) == []
+# ---------------------------------------------------------------- CLI
 
 
 def test_cli_builds_a_pair(tmp_path, capsys):

@@ -265,6 +265,14 @@ def cross_field_problems(
     ):
         problems.append(f"$.models.teacher: {job} needs a teacher to write the answers")
     on_policy = distill["lmbda"] > 0 or bool(distill.get("lmbda_schedule")) or distill["seq_kd"]
+    raw_inference = (raw or data).get("inference", {})
+    if on_policy and raw_distill.get("temperature", 1.0) != 1.0 and "temperature" not in raw_inference:
+        t = raw_distill["temperature"]
+        warnings.append(
+            f"$.distillation.temperature: {t:g} scales the loss only; on-policy / seq_kd completions are sampled "
+            f"at inference.temperature (unset: 1). Earlier releases sampled at distillation.temperature: set "
+            f'"inference": {{"temperature": {t:g}}} to sample as they did'
+        )
     if distill.get("lmbda_schedule") and "lmbda" in raw_distill:
         problems.append("$.distillation.lmbda_schedule: given together with distillation.lmbda; keep one")
     if on_policy and any(e.get("logits_path") for e in entries):

@@ -10,8 +10,6 @@ from pathlib import Path
 from easydistill.errors import UserError
 from easydistill.runtime import print0
 
-EXACT_MATCH_MODES = ("auto", "always", "never")
-
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -32,7 +30,7 @@ def has_eval_split(cfg) -> bool:
     return bool(cfg.dataset.eval_path) or bool(cfg.dataset.eval_ratio)
 
 
-# ---------------------------------------------------------------- records and checkable answers
+# ---------------------------------------------------------------- records
 
 
 def eval_records(cfg, examples) -> list[dict]:
@@ -44,41 +42,6 @@ def eval_records(cfg, examples) -> list[dict]:
     return [by_id[e.sample_id] for e in examples]
 
 
-def _instruction(record: dict) -> str:
-    users = [m["content"] for m in record["messages"] if m["role"] == "user"]
-    return users[-1] if users else ""
-
-
-def checked_answers(records: list[dict]) -> list[str] | None:
-    """The right answer of every record when all are synthetic-task records (examples.synthetic), else None."""
-    from examples import synthetic
-
-    answers = []
-    for record in records:
-        try:
-            answers.append(synthetic.answer(None, _instruction(record)))
-        except (ValueError, KeyError):
-            return None
-    return answers or None
-
-
-def exact_match_references(records: list[dict], mode: str) -> tuple[list[dict] | None, str]:
-    """(records whose last turn is the reference answer, or None when exact match is skipped; why)."""
-    if mode == "never":
-        return None, "off (evaluation.exact_match is never)"
-    answers = checked_answers(records)
-    if answers is not None:
-        fixed = []
-        for record, answer in zip(records, answers):
-            messages = [dict(m) for m in record["messages"]]
-            messages[-1]["content"] = answer
-            fixed.append({**record, "messages": messages})
-        return fixed, "against the synthetic task's checked answers"
-    if mode == "always":
-        return records, "against the eval records' outputs"
-    return None, "skipped: the eval records are not synthetic tasks with checkable answers"
-
-
 # ---------------------------------------------------------------- measuring
 
 
@@ -87,7 +50,7 @@ def evaluate_models(
     tokenizer,
     teachers,
     examples,
-    references,
+    exact_match=None,
     *,
     template=None,
     batch_size: int = 8,
@@ -98,33 +61,31 @@ def evaluate_models(
     """Figures of `model` (and, with teachers_too, of each teacher) on tokenized eval examples.
 
     teachers: the run's teacher objects (spec + rows(); online ones carry .model, the self-teacher the PEFT
-    student). references: records for exact match, or None to skip it. Returns a JSON-ready dict, see
-    `heldout_metrics` for the figures' meaning.
+    student). exact_match: an `ExactMatch` (evaluation/exact_match.py), or None to skip it. Returns a
+    JSON-ready dict, see `heldout_metrics` for the figures' meaning.
     """
-    from easydistill.evaluation.metrics import answers_and_references, heldout_metrics, make_batches
-    from examples.synthetic import accuracy
+    from easydistill.evaluation.metrics import heldout_metrics, make_batches
 
     batches = make_batches(examples, tokenizer.pad_token_id, batch_size)
     got = heldout_metrics(model, {t.spec.name: t for t in teachers}, batches)
 
-    def exact_match(generator) -> float | None:
-        if references is None or not generate:
+    def rate(generator) -> float | None:
+        if exact_match is None or not generate:
             return None
-        answers, refs = answers_and_references(
-            generator, tokenizer, references, template, max_new_tokens=max_new_tokens, batch_size=batch_size
+        return exact_match.rate(
+            generator, tokenizer, template, max_new_tokens=max_new_tokens, batch_size=batch_size
         )
-        return accuracy(answers, refs)
 
-    student = {**got["model"], "exact_match": exact_match(model), "vs": got["versus"]}
+    student = {**got["model"], "exact_match": rate(model), "vs": got["versus"]}
     result = {"n_examples": len(examples), "n_tokens": got["n_tokens"], "student": student, "teachers": {}}
     if teachers_too:
         for t in teachers:
             row = {"kind": t.spec.kind, **got["teachers"][t.spec.name], "exact_match": None}
             if t.spec.kind == "online":
-                row["exact_match"] = exact_match(t.model)
+                row["exact_match"] = rate(t.model)
             elif t.spec.kind == "self" and hasattr(t.model, "disable_adapter"):
                 with t.model.disable_adapter():
-                    row["exact_match"] = exact_match(t.model)
+                    row["exact_match"] = rate(t.model)
             if t.spec.kind == "cached":
                 row["approximate_ce"] = True  # labels outside the stored ids get an even share of the tail
             result["teachers"][t.spec.name] = row
@@ -193,6 +154,58 @@ def load_evaluated(cfg, folder: Path):
         base = load_causal_lm(m.student, dtype=m.dtype, **options)
         return PeftModel.from_pretrained(base, str(folder))
     return load_causal_lm(str(folder), dtype=m.dtype, **options)
+
+
+def check_evaluable(cfg) -> None:
+    """A UserError unless the config names labelled records with an eval split."""
+    if not has_eval_split(cfg):
+        raise UserError(
+            "$.dataset: no eval split to evaluate on; set dataset.eval_path or dataset.eval_ratio"
+        )
+    if not cfg.dataset.labeled_path:
+        raise UserError(
+            "$.dataset.labeled_path: evaluation needs labelled records (with only instruction_path, let "
+            "kd.infer write the teacher's answers first)"
+        )
+
+
+def evaluate_folder(cfg, folder: Path, *, generate: bool = True, reference=None, log=print0) -> dict:
+    """The figures of the model in `folder` and of the config's teachers on the config's eval split.
+
+    reference: an optional `exact_match.Reference` plug-in (a task that knows its right answers).
+    """
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from easydistill.evaluation import exact_match
+    from easydistill.models import load_tokenizer
+    from easydistill.store.precompute import training_examples
+
+    check_evaluable(cfg)
+    options = settings(cfg)
+    hf_logging.disable_progress_bar()  # one bar per loaded file is noise here
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(cfg.models.student, cfg.models.trust_remote_code)
+    _, examples, _ = training_examples(cfg, tokenizer)
+    if not examples:
+        raise UserError("$.dataset: the eval split holds no example with a response token")
+    examples = examples[: options.max_samples or None]
+    found, basis = exact_match.plan(eval_records(cfg, examples), options.exact_match, reference)
+    model = load_evaluated(cfg, folder).to(device)
+    teachers = eval_teachers(cfg, model, device)
+    log(f"evaluating {folder} on {len(examples)} eval examples; exact match: {basis}")
+    result = evaluate_models(
+        model,
+        tokenizer,
+        teachers,
+        examples,
+        found,
+        template=cfg.dataset.template,
+        batch_size=cfg.training.per_device_eval_batch_size or 8,
+        max_new_tokens=options.max_new_tokens,
+        generate=generate,
+    )
+    return {"config": cfg.source, "model": str(folder), "exact_match_basis": basis, **result}
 
 
 def eval_teachers(cfg, model, device):

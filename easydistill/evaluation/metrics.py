@@ -1,10 +1,11 @@
-"""Held-out figures for a student and its teacher: teacher-forced CE / KL / agreement, and greedy exact match.
+"""Held-out figures for a student and its teachers: teacher-forced CE / KL / JSD / agreement.
 
-    from easydistill.evaluation.metrics import make_batches, teacher_forced_metrics, exact_match_rate
+    from easydistill.evaluation.metrics import make_batches, teacher_forced_metrics
 
     batches = make_batches(examples, tokenizer.pad_token_id)          # examples from data.build_dataset
     teacher_forced_metrics(student, teacher, batches)  # {"ce", "kl", "top1_agreement", "accuracy", "n_tokens"}
-    exact_match_rate(student, tokenizer, records)      # greedy answers vs the records' outputs
+
+(Exact match of greedy answers is evaluation/exact_match.py.)
 
 Every figure is per response token (positions whose label is not -100, with HF's shift: logits at t predict
 token t + 1), so numbers from runs with different batch sizes or padding compare directly. Models are put in
@@ -15,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from easydistill.data import IGNORE_INDEX, KDCollator, render_prompt
+from easydistill.data import IGNORE_INDEX, KDCollator
 from easydistill.loss import divergence as losses
-from examples import synthetic
 
 
 @contextlib.contextmanager
@@ -190,108 +190,3 @@ def teacher_forced_metrics(student, teacher, batches: Iterable[dict]) -> dict:
         "top1_agreement": versus.get("top1_agreement") if teacher is not None else None,
         "n_tokens": got["n_tokens"],
     }
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    """eos of the tokenizer plus whatever the model's generation config stops on (Qwen lists several)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    ids.discard(None)
-    return ids
-
-
-def greedy_generate(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *, batch_size: int = 64
-) -> list[str]:
-    """Greedy continuations of `prompts` (already rendered text), decoded without the stop token.
-
-    Batches are left-padded so that every row's next token sits in the last column; positions count from
-    each row's first real token, so a padded row computes exactly what it would alone. The KV cache carries
-    the prefix: each later step feeds one token per row. A row stops at its first stop token (eos, or any id
-    in the model's generation_config.eos_token_id); the batch stops when every row has.
-    """
-    from transformers import DynamicCache
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop_ids = _stop_ids(model, tokenizer)
-    stop = torch.tensor(sorted(stop_ids))
-    outputs: list[str] = []
-    with _eval_mode(model):
-        device = _device(model)
-        stop = stop.to(device)
-        for start in range(0, len(prompts), batch_size):
-            encoded = [
-                tokenizer(p, add_special_tokens=False)["input_ids"]
-                for p in prompts[start : start + batch_size]
-            ]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(encoded), width), dtype=torch.long)
-            for row, ids in enumerate(encoded):
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids) :] = 1
-            input_ids, attention = input_ids.to(device), attention.to(device)
-            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, T): 0 at each row's first real token
-            cache = DynamicCache()
-            done = torch.zeros(len(encoded), dtype=torch.bool, device=device)
-            generated = []
-            step_ids = input_ids
-            for _ in range(max_new_tokens):
-                out = model(
-                    input_ids=step_ids,
-                    attention_mask=attention,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                cache = out.past_key_values
-                next_ids = out.logits[:, -1].argmax(-1)  # (B,)
-                next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
-                generated.append(next_ids)
-                done |= torch.isin(next_ids, stop)
-                if bool(done.all()):
-                    break
-                step_ids = next_ids[:, None]  # (B, 1)
-                attention = torch.cat([attention, torch.ones_like(step_ids)], dim=-1)
-                positions = positions[:, -1:] + 1
-            tokens = torch.stack(generated, dim=-1).tolist() if generated else [[] for _ in encoded]
-            for row in tokens:
-                cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-                outputs.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return outputs
-
-
-def _chat_record(record: dict, index: int) -> dict:
-    """A synthetic `{instruction, output}` record (or one already in data's chat form) in chat form."""
-    if "messages" in record:
-        return {"source": f"record {index}", **record}
-    return {
-        "id": str(index),
-        "source": f"record {index}",
-        "messages": [
-            {"role": "user", "content": record["instruction"]},
-            {"role": "assistant", "content": record["output"]},
-        ],
-    }
-
-
-def answers_and_references(
-    model, tokenizer, records, template_path=None, *, max_new_tokens: int | None = None, batch_size: int = 64
-) -> tuple[list[str], list[str]]:
-    """(greedy answers, reference answers) for labelled records, prompts rendered as training renders them."""
-    chats = [_chat_record(r, i) for i, r in enumerate(records)]
-    references = [c["messages"][-1]["content"] for c in chats]
-    prompts = [render_prompt(c, tokenizer, template_path=template_path) for c in chats]
-    if max_new_tokens is None:  # room for the longest reference plus its stop token
-        longest = max(
-            (len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=0
-        )
-        max_new_tokens = longest + 2
-    return greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size), references
-
-
-def exact_match_rate(model, tokenizer, records, template_path=None, **kwargs) -> float:
-    """Share of records whose greedy answer equals the reference output (`synthetic.exact_match`)."""
-    answers, references = answers_and_references(model, tokenizer, records, template_path, **kwargs)
-    return synthetic.accuracy(answers, references)

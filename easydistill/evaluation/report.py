@@ -3,7 +3,8 @@
 run_training attaches a `RunReport` when the config has an eval split and `evaluation.report` is on (default):
 
     before training   the student on the eval split: CE, perplexity, accuracy, KL / JSD / top-1 agreement to
-                      each teacher, exact match (synthetic tasks); the teachers' own figures once
+                      each teacher, exact match (greedy answers vs the records' outputs); the teachers'
+                      own figures once
     on_evaluate       whenever Trainer evaluates (eval_strategy "steps" with eval_steps, or "epoch"): the same
                       teacher-forced figures without generation
     after training    the student again, with exact match
@@ -24,8 +25,10 @@ from transformers import TrainerCallback
 REPORT_FILES = ("report.json", "report.md", "loss_curves.png")
 
 
-def attach_report(run, log=print) -> RunReport | None:
-    """A RunReport registered on the run's trainer, or None when the config asks for none or cannot have one."""
+def attach_report(run, log=print, reference=None) -> RunReport | None:
+    """A RunReport registered on the run's trainer, or None when the config asks for none or cannot have one.
+
+    reference: an optional `exact_match.Reference` plug-in (a task that knows its right answers)."""
     from easydistill.evaluation.heldout import has_eval_split, settings
 
     if not settings(run.cfg).report or not has_eval_split(run.cfg) or not run.eval_examples:
@@ -36,7 +39,7 @@ def attach_report(run, log=print) -> RunReport | None:
             "note: evaluation.report: skipped with FSDP / DeepSpeed (sharded weights); run easydistill.eval after"
         )
         return None
-    report = RunReport(run, batch_size=trainer.args.per_device_eval_batch_size)
+    report = RunReport(run, batch_size=trainer.args.per_device_eval_batch_size, reference=reference)
     trainer.add_callback(report)
     return report
 
@@ -44,20 +47,16 @@ def attach_report(run, log=print) -> RunReport | None:
 class RunReport(TrainerCallback):
     """Evaluations of the student during one run, and the files that describe them."""
 
-    def __init__(self, run, *, batch_size: int):
-        from easydistill.evaluation.heldout import (
-            eval_records,
-            exact_match_references,
-            settings,
-            with_eval_rows,
-        )
+    def __init__(self, run, *, batch_size: int, reference=None):
+        from easydistill.evaluation import exact_match
+        from easydistill.evaluation.heldout import eval_records, settings, with_eval_rows
 
         self.cfg, self.tokenizer = run.cfg, run.tokenizer
         self.trainer = run.trainer
         self.options = settings(run.cfg)
         self.examples = run.eval_examples[: self.options.max_samples or None]
-        self.references, self.exact_match_basis = exact_match_references(
-            eval_records(run.cfg, self.examples), self.options.exact_match
+        self.exact_match, self.exact_match_basis = exact_match.plan(
+            eval_records(run.cfg, self.examples), self.options.exact_match, reference
         )
         self.batch_size = batch_size
         self.teacher_objects = with_eval_rows(run.trainer.teachers)
@@ -78,7 +77,7 @@ class RunReport(TrainerCallback):
             self.tokenizer,
             self.teacher_objects,
             self.examples,
-            self.references,
+            self.exact_match,
             template=self.cfg.dataset.template,
             batch_size=self.batch_size,
             max_new_tokens=self.options.max_new_tokens,
@@ -107,20 +106,14 @@ class RunReport(TrainerCallback):
         last = self.evaluations[-1] if self.evaluations else None
         step = self.trainer.state.global_step
         if last is not None and last["step"] == step and last["label"] != "before training":
-            if self.references is not None:
-                from easydistill.evaluation.metrics import answers_and_references
-                from examples.synthetic import accuracy
-
-                model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-                answers, refs = answers_and_references(
-                    model,
+            if self.exact_match is not None:
+                last["exact_match"] = self.exact_match.rate(
+                    self.trainer.accelerator.unwrap_model(self.trainer.model),
                     self.tokenizer,
-                    self.references,
                     self.cfg.dataset.template,
                     max_new_tokens=self.options.max_new_tokens,
                     batch_size=self.batch_size,
                 )
-                last["exact_match"] = accuracy(answers, refs)
             last["label"] = "after training"
             return last
         return self.evaluate("after training", generate=True)

@@ -2,9 +2,9 @@
 
     python -m easydistill.kd.infer --config configs/kd_black_box_local.json
 
-The teacher answers every prompt of `dataset.instruction_path` (rendered with the training template, batched
-`generate` with the KV cache and left padding; greedy when `inference.temperature` is 0, else sampled with
-temperature / top_p from `inference.seed`). The records go to `dataset.labeled_path`, or to
+The teacher answers every prompt of `dataset.instruction_path` (rendered with the training template, through the
+one generation helper, train/generation.py: batched, left-padded, KV cache, the model's stop ids; greedy when
+`inference.temperature` is 0 or unset, else sampled with temperature / top_p from `inference.seed`). The records go to `dataset.labeled_path`, or to
 `<output_dir>/teacher_answers.json` when the config names none: `{"id", "instruction", "output"}` (plus
 `"system"`) for single-turn prompts, `{"id", "messages"}` when any prompt is a multi-turn chat. The file is
 written atomically, so it exists only complete and a second run reuses it instead of generating again.
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from easydistill.errors import UserError
+from easydistill.train.generation import answer_sampling, generate_texts
 
 DEFAULT_ANSWERS = "teacher_answers.json"
 ANSWERING_JOBS = ("kd_white_box", "kd_black_box_local")
@@ -40,75 +41,6 @@ def answering_teacher(cfg) -> str:
     raise UserError(
         "$.models.teacher: writing answers for dataset.instruction_path needs a teacher model folder"
     )
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    ids.discard(None)
-    return sorted(ids)
-
-
-@torch.no_grad()
-def generate_answers(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 42,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> list[str]:
-    """One answer per rendered prompt, in order; decoded without special tokens, up to the first stop token.
-
-    Prompts are batched by length (less padding), left-padded so that every row continues from its last
-    column; `generate` keeps the KV cache. Greedy at temperature 0; otherwise sampled, seeded once.
-    """
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig, set_seed
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {}
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=_stop_ids(model, tokenizer),
-        use_cache=True,
-        do_sample=temperature > 0,
-        **sampling,
-    )
-    set_seed(seed)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    device = next(model.parameters()).device
-    answers: list[str] = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(prompts), desc="teacher answers", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in chunk)
-                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                attention = torch.zeros_like(input_ids)
-                for row, i in enumerate(chunk):
-                    input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                    attention[row, width - len(encoded[i]) :] = 1
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention.to(device),
-                    generation_config=config,
-                )
-                for row, i in enumerate(chunk):
-                    answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-                bar.update(len(chunk))
-    finally:
-        model.train(was_training)
-    return answers
 
 
 def _answer_record(prompt: dict, answer: str, chat: bool) -> dict:
@@ -158,15 +90,15 @@ def write_teacher_answers(cfg, *, log=print) -> Path:
     )
     model = load_frozen_teacher(teacher, cfg, device)
     inference = cfg.inference
-    answers = generate_answers(
+    answers = generate_texts(
         model,
         tokenizer,
         texts,
-        max_new_tokens=inference.max_new_tokens,
-        temperature=inference.temperature,
-        top_p=inference.top_p,
-        seed=inference.seed,
+        answer_sampling(cfg),
         batch_size=inference.batch_size,
+        seed=inference.seed,
+        progress=True,
+        desc="teacher answers",
     )
     del model
     if torch.cuda.is_available():

@@ -19,7 +19,14 @@ import torch
 
 from easydistill.data import DataStats, KDCollator, TokenizedExample, build_dataset, tokenized_hash
 from easydistill.errors import UserError
-from easydistill.store.topk import StoreWriter, is_complete, partial_path, store_location
+from easydistill.store.topk import (
+    StoreWriter,
+    is_complete,
+    partial_path,
+    sample_list,
+    store_location,
+    vocab_width,
+)
 
 ROW_CHUNK = 1024  # label rows per log_softmax: bounds the fp32 copy of the logits for large vocabularies
 
@@ -39,22 +46,6 @@ def training_examples(cfg, tokenizer) -> tuple[list[TokenizedExample], list[Toke
     if cfg.dataset.max_samples:
         train = train[: cfg.dataset.max_samples]
     return train, evaluation, stats
-
-
-def sample_list(train, evaluation) -> dict[str, list[tuple[str, str]]]:
-    """Per split, (sample id, token-id hash) in dataset order: what a store must cover."""
-    return {
-        split: [(ex.sample_id, tokenized_hash(ex.input_ids)) for ex in exs]
-        for split, exs in (("train", train), ("eval", evaluation))
-    }
-
-
-def vocab_width(cfg, teacher_rows: int | None = None) -> int:
-    """Columns a stored distribution covers: the shared width of teacher and student, as online KD cuts."""
-    from easydistill.model_files import embedding_rows
-
-    student_rows = embedding_rows(cfg.models.student)
-    return min(student_rows, teacher_rows) if teacher_rows else student_rows
 
 
 @torch.no_grad()

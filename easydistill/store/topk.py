@@ -94,6 +94,24 @@ def store_location(cfg, spec) -> tuple[Path, Path | None]:
     return path, None
 
 
+def sample_list(train, evaluation) -> dict[str, list[tuple[str, str]]]:
+    """Per split, (sample id, token-id hash) in dataset order: what a store must cover (scored or imported)."""
+    from easydistill.data import tokenized_hash
+
+    return {
+        split: [(ex.sample_id, tokenized_hash(ex.input_ids)) for ex in exs]
+        for split, exs in (("train", train), ("eval", evaluation))
+    }
+
+
+def vocab_width(cfg, teacher_rows: int | None = None) -> int:
+    """Columns a stored distribution covers: the shared width of teacher and student, as online KD cuts."""
+    from easydistill.model_files import embedding_rows
+
+    student_rows = embedding_rows(cfg.models.student)
+    return min(student_rows, teacher_rows) if teacher_rows else student_rows
+
+
 class StoreWriter:
     """Streams rows into shards; resumes a partial store computed for the same data and settings.
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from easydistill.data import IGNORE_INDEX, load_records, tokenized_hash
 from easydistill.errors import UserError
-from easydistill.store.topk import StoreWriter
+from easydistill.store.topk import StoreWriter, sample_list, vocab_width
 
 MIN_LABEL_HITS = 0.5  # below this share of label tokens found in their rows, the file is for other data
 CHECK_AFTER = 2000  # label positions converted before the share is checked (then after every line)
@@ -81,7 +81,6 @@ def import_v1_file(
 
     A file that fails a check leaves nothing behind (no partial store to resume wrongly).
     """
-    from easydistill.store.precompute import sample_list, vocab_width
 
     v1_file = Path(v1_file)
     if not v1_file.is_file():

@@ -2,7 +2,9 @@
 the teacher) for the batch's prompts; the divergence is then taken on the generated tokens only.
 
 With probability lmbda(step) a micro-batch is on-policy. The draw depends only on (seed, step, micro-batch
-index), so every rank makes the same decision without talking to the others.
+index), so every rank makes the same decision without talking to the others. Completions are sampled at
+`inference.temperature` (unset: 1) with distillation.top_p and distillation.max_new_tokens, through the one
+generation helper (train/generation.py); distillation.temperature scales the loss only.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from easydistill.models import eval_mode
+from easydistill.train import generation
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,6 @@ def split_prompts(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return prompts
 
 
-def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=rows[0].device)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 def completion_batch(
     prompts: list[torch.Tensor],
     generated: torch.Tensor,
@@ -104,49 +97,17 @@ def completion_batch(
     return batch
 
 
-class RealVocabulary:
-    """A logits processor that never lets a sampler pick a padding row of the embedding matrix: ids past the
-    tokenizer's vocabulary decode to nothing and may not exist in the other model at all."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.size :] = -float("inf")
-        return scores
-
-
 @torch.no_grad()
 def sample_completions(
-    generate,
-    batch,
-    *,
-    pad_id: int,
-    eos_ids: set[int],
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    vocab_size: int,
+    generate, batch, *, sampling: generation.Sampling, pad_id: int, stop_ids: list[int], vocab_size: int
 ) -> dict[str, torch.Tensor]:
     """Sample completions for the batch's prompts with `generate` (a model's or a teacher's) and return the
-    batch to train on: the same prompts, the sampled completions as labels."""
-    from transformers import LogitsProcessorList
-
+    batch to train on: the same prompts, the sampled completions as labels (train/generation.py)."""
     prompts = split_prompts(batch)
-    ids, mask = left_pad(prompts, pad_id)
-    out = generate(
-        input_ids=ids,
-        attention_mask=mask,
-        logits_processor=LogitsProcessorList([RealVocabulary(vocab_size)]),
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids),
-        use_cache=True,
+    new = generation.continue_rows(
+        generate, prompts, sampling, pad=pad_id, stops=stop_ids, vocab_size=vocab_size
     )
-    return completion_batch(prompts, out[:, ids.shape[1] :], eos_ids, pad_id, batch.get("sample_index"))
+    return completion_batch(prompts, new, set(stop_ids), pad_id, batch.get("sample_index"))
 
 
 def student_generate(model):
@@ -171,15 +132,10 @@ def on_policy_settings(cfg, tokenizer, model) -> OnPolicySettings | None:
     d = cfg.distillation
     if not cfg.teachers or not (d.lmbda > 0 or d.lmbda_schedule or d.seq_kd):
         return None
-    eos = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos |= set(configured) if isinstance(configured, list) else {configured}
     sampling = {
-        "pad_id": tokenizer.pad_token_id,
-        "eos_ids": {e for e in eos if e is not None},
-        "max_new_tokens": d.max_new_tokens,
-        "temperature": d.temperature,
-        "top_p": d.top_p,
+        "sampling": generation.on_policy_sampling(cfg),
+        "pad_id": generation.pad_id(tokenizer),
+        "stop_ids": generation.stop_ids(model, tokenizer),
         "vocab_size": len(tokenizer),
     }
     return OnPolicySettings(schedule_from_config(d), d.seq_kd, sampling)

@@ -262,19 +262,21 @@ def prepare_run(cfg) -> KDRun:
     return KDRun(cfg, trainer, tokenizer, train_examples, eval_examples, stats)
 
 
-def run_training(cfg, report=None) -> dict:
+def run_training(cfg, report=None, *, reference=None) -> dict:
     """Build data, student and teachers from a checked config, train, export. Returns the final metrics.
 
-    A full disk, a read-only mount or a permission problem while writing ends as one UserError (exit 2)."""
+    A full disk, a read-only mount or a permission problem while writing ends as one UserError (exit 2).
+    reference: an optional `evaluation.exact_match.Reference` for the run report's exact match (a task that
+    knows its right answers better than the eval labels; the quickstart's)."""
     from easydistill.errors import file_system_errors
 
     run = prepare_run(cfg)
     trainer, m = run.trainer, cfg.models
     with file_system_errors(cfg.output_dir):
-        return _train_and_export(cfg, run, trainer, m)
+        return _train_and_export(cfg, run, trainer, m, reference)
 
 
-def _train_and_export(cfg, run, trainer, m) -> dict:
+def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
     import json
 
     from easydistill.evaluation.report import attach_report
@@ -290,7 +292,7 @@ def _train_and_export(cfg, run, trainer, m) -> dict:
     trainer.accelerator.wait_for_everyone()
     trainer.add_callback(stamping_callback(run_id(cfg.output_dir)))
     # Held-out figures before / after (and at each Trainer evaluation) for report.json, report.md, the plot.
-    reporter = attach_report(run, log=print0)
+    reporter = attach_report(run, log=print0, reference=reference)
     if reporter is not None and not resume:  # a resumed run's "before" is its checkpoint, loaded in train()
         reporter.before()
     result = trainer.train(resume_from_checkpoint=resume)
