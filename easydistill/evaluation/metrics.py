@@ -27,17 +27,14 @@ from easydistill.loss import divergence as losses
 
 @contextlib.contextmanager
 def _eval_mode(*models):
-    """no_grad + eval mode for the block; every module's training flag is restored afterwards."""
-    modes = [(m, m.training) for model in models if model is not None for m in model.modules()]
-    try:
-        for model in models:
-            if model is not None:
-                model.eval()
+    """no_grad + eval mode for the block (`models.eval_mode` for each model: flags restored afterwards)."""
+    from easydistill.models import eval_mode
+
+    with contextlib.ExitStack() as stack:
+        for model in {id(m): m for m in models if m is not None}.values():
+            stack.enter_context(eval_mode(model))
         with torch.no_grad():
             yield
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
 
 
 def _device(model) -> torch.device:
