@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import best_match
 
+from easydistill.config.limits import structure_problems, value_problems
 from easydistill.config.training_keys import (
     DROPPED_KEYS,
     OWN_KEYS,
@@ -46,6 +47,10 @@ def read_json(path: str | Path) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError([f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to read (thousands of levels)"]) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError([f"{path}: cannot be read as JSON ({exc})"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"$: the config must be a JSON object, not {type(data).__name__}"], str(path))
     return data
@@ -290,7 +295,11 @@ def cross_field_problems(
 def load_config(source: str | Path | dict[str, Any]) -> Config:
     """Validate and resolve a config file (or an already-parsed dict). Raises ConfigError with every problem."""
     where = None if isinstance(source, dict) else str(source)
-    raw = copy.deepcopy(source) if isinstance(source, dict) else read_json(source)
+    raw = source if isinstance(source, dict) else read_json(source)
+    problems = structure_problems(raw)  # NaN, 1e400, 2**70, NUL, deep nesting: before anything recurses
+    if problems:
+        raise ConfigError(problems, where)
+    raw = copy.deepcopy(raw)
     problems = schema_problems(raw)
     notes: list[str] = []
     if isinstance(raw.get("training"), dict):
@@ -303,7 +312,7 @@ def load_config(source: str | Path | dict[str, Any]) -> Config:
     data.setdefault("training", {}).setdefault("overwrite_output_dir", False)
     problems += _max_length(raw, data)
     warnings: list[str] = list(notes)
-    problems += cross_field_problems(data, warnings, raw)
+    problems += cross_field_problems(data, warnings, raw) + value_problems(data)
     if problems:
         raise ConfigError(problems, where)
     return Config(data, schema(), where, warnings)
