@@ -144,11 +144,14 @@ class Method:
 
 
 def easydistill_step(model, inputs, teachers, chunk_size, full_logits=False):
-    from easydistill.train.step import kd_step_sums
+    from easydistill.config import KDLoss
+    from easydistill.train.step import kd_step
+
+    loss = KDLoss(**KD, skew_alpha=0.1, combine="weighted_loss", temperature=1.0, chunk_size=chunk_size)
 
     def step():
         model.zero_grad(set_to_none=True)
-        sums = kd_step_sums(model, inputs, teachers, chunk_size=chunk_size, return_outputs=full_logits, **KD)
+        sums = kd_step(model, inputs, teachers, loss, return_outputs=full_logits)
         n = max(sums.n_tokens, 1)
         (sums.objective / n).backward()
         return {"ce": float(sums.ce_sum) / n, "kd": float(sums.kd_sum) / n}

@@ -171,8 +171,8 @@ def loss_terms(
 ) -> tuple[list[Term], list[Term]]:
     """(tensors alive at the loss's peak, tensors autograd saves for backward) of compute_loss.
 
-    teachers: (name, logits columns, logits bytes, kind) per teacher. Dense divergence (losses.py), one teacher
-    after another (teachers/ensemble.py, weighted_loss): for each, the student's log-probabilities are made
+    teachers: (name, logits columns, logits bytes, kind) per teacher. Dense divergence (loss/divergence.py), one teacher
+    after another (loss/combine.py, weighted_loss): for each, the student's log-probabilities are made
     (x / T -> clamp -> log_softmax: the division's output is saved by clamp, the log-softmax's output by the
     KL), the teacher's (no grad), then p_T = exp(log p_T) (saved by the product) and the difference and
     product of the KL sum. CE keeps its log-softmax (fp32). `path`:
@@ -237,7 +237,7 @@ def _dtype(name: str, arch: Arch) -> str:
 
 def loss_path(cfg) -> str:
     """Which of compute_loss's paths the run takes (see `loss_terms`): KDTrainer goes through
-    fused.kd_step_sums, which computes logits at the label positions only (chunk_size 0) or a chunk at a time
+    train.step.kd_step, which computes logits at the label positions only (chunk_size 0) or a chunk at a time
     (chunk_size > 0). tests/test_plan.py measures a real step, so a change of the loop that this accounting
     misses fails there."""
     return "fused" if (cfg.distillation.chunk_size or 0) > 0 else "label_rows"

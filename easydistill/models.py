@@ -1,8 +1,10 @@
-"""Loading the student (full or LoRA) and online teachers. Weights come from safetensors only."""
+"""Loading the student (full or LoRA) and online teachers (weights from safetensors only); a causal LM's final
+hidden states, its head, and its logits at the label positions only."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 
@@ -148,3 +150,76 @@ def project(head: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | Non
         return torch.nn.functional.linear(hidden, weight, bias)
     torch.mm(hidden, weight.t(), out=out)
     return out if bias is None else out.add_(bias)
+
+
+# Config keys of models that rescale or squash the head's output after the matmul: applying the head weight
+# ourselves would skip that step, so such models take the plain path.
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "lm_head_multiplier",
+)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP/compile wrappers (the PEFT model stays: its adapters are part of the student)."""
+    while True:
+        if isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under wrappers and PEFT."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
+
+
+def head_unsupported(model: torch.nn.Module) -> str | None:
+    """Why this causal LM's logits are not just `get_output_embeddings()(final hidden)`; None when they are."""
+    base = base_model(model)
+    if not _takes_logits_to_keep(base):
+        return f"{type(base).__name__}.forward takes no logits_to_keep"
+    if base.get_output_embeddings() is None:
+        return f"{type(base).__name__} has no output embeddings"
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    for key in _LOGIT_POSTPROCESSING:
+        value = getattr(config, key, None)
+        if value is not None and value != 1:
+            return f"{type(base).__name__} post-processes its logits ({key}={value})"
+    return None
+
+
+def logits_at_labels(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """(N, V) logits at the label positions `mask` (B, T-1) selects only (`logits_to_keep` as a boolean (B, T)
+    mask), through the model's own forward (DDP hooks, post-processing); full logits then a gather if it
+    cannot do that."""
+    kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    n = int(mask.sum())
+    if _takes_logits_to_keep(model):
+        keep = torch.nn.functional.pad(
+            mask, (0, 1), value=False
+        )  # (B, T): the last position predicts nothing
+        logits = model(**kwargs, logits_to_keep=keep, use_cache=False).logits
+        if logits.dim() == 2 and logits.shape[0] == n:
+            return logits
+    return model(**kwargs).logits[:, :-1][mask]
+
+
+def hidden_at_labels(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """(N, H) final hidden states at the label positions, through the model's own forward (so DDP prepares its
+    backward) with no logits computed."""
+    return final_hidden_states(model, inputs)[:, :-1][mask]

@@ -8,13 +8,27 @@ from pathlib import Path
 
 import torch
 
-from easydistill.config import load_config
+from easydistill.config import KDLoss, load_config
 from examples.synthetic import make_records
 
 
 def write_records(path: Path, task: str = "add", n: int = 24, seed: int = 1) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in make_records(task, n, seed=seed)))
     return path
+
+
+def loss_spec(**overrides) -> KDLoss:
+    """A KDLoss with the schema's defaults (forward KL, kd_ratio 0.5, the plain path), some replaced."""
+    values = dict(
+        kd_ratio=0.5,
+        kind="forward_kld",
+        beta=0.5,
+        skew_alpha=0.1,
+        combine="weighted_loss",
+        temperature=1.0,
+        chunk_size=0,
+    )
+    return KDLoss(**{**values, **overrides})
 
 
 def kd_config(tiny_pair, data: Path, out: Path, **blocks) -> dict:

@@ -13,7 +13,7 @@ from kd_helpers import write_records
 from easydistill.cli import run
 from easydistill.data import IGNORE_INDEX
 from easydistill.evaluation.metrics import ModelRows, heldout_metrics
-from easydistill.loss.divergence import SparseRows
+from easydistill.loss.rows import SparseRows
 from examples import synthetic
 
 

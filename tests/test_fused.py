@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kd_helpers import loss_spec
 
-from easydistill.loss import divergence as losses
 from easydistill.loss.chunked import fused_head_loss
-from easydistill.loss.closed_form import divergence_with_grad
 from easydistill.loss.combine import combined_divergence
+from easydistill.loss.rows import SparseRows
+from easydistill.models import hidden_at_labels, logits_at_labels
 from easydistill.teachers import OnlineTeacher, SelfTeacher
-from easydistill.train.step import hidden_at_labels, kd_step_sums, label_positions, logits_at_labels
+from easydistill.train.step import kd_step, label_positions
 
 V = 61  # the student's rows; teachers pad theirs further
 KINDS = [
@@ -77,28 +79,22 @@ def teachers():
     return [online(V + 13, 48, 1, weight=0.7), online(V + 2, 40, 2, weight=0.3, temperature=2.0)]
 
 
-def reference_objective(model, batch, teachers, **options):
+def reference_objective(model, batch, teachers, loss):
     """KDTrainer.compute_loss before chunking: full logits of every model, then CE + combined_divergence."""
-    kd_ratio = options["kd_ratio"]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask, targets = label_positions(batch["labels"])
     student = logits[:, :-1][mask]
     ce = F.cross_entropy(student.float(), targets, reduction="sum")
     kd = ce.new_zeros(())
-    if teachers and kd_ratio > 0:
-        kd, _ = combined_divergence(
-            student,
-            [t.rows(batch, mask) for t in teachers],
-            [t.spec.weight for t in teachers],
-            [t.spec.temperature for t in teachers],
-            targets,
-            combine=options["combine"],
-            kind=options["kind"],
-            beta=options["beta"],
-            skew_alpha=options["skew_alpha"],
-            student_temperature=options["temperature"],
-        )
-    return (1 - kd_ratio) * ce + kd_ratio * kd
+    if teachers and loss.kd_ratio > 0:
+        rows = [t.rows(batch, mask) for t in teachers]
+        weights, temperatures = [t.spec.weight for t in teachers], [t.spec.temperature for t in teachers]
+        kd, _ = combined_divergence(student, rows, weights, temperatures, targets, loss)
+    return (1 - loss.kd_ratio) * ce + loss.kd_ratio * kd
+
+
+def step(model, batch, teachers, loss, chunk_size):
+    return kd_step(model, batch, teachers, replace(loss, chunk_size=chunk_size))
 
 
 def value_and_grads(model, compute):
@@ -118,27 +114,7 @@ def assert_same(reference, candidate, rtol=5e-5):
 
 
 def options(**overrides):
-    base = dict(kd_ratio=0.5, kind="jsd", beta=0.5, skew_alpha=0.1, combine="weighted_loss", temperature=1.0)
-    return {**base, **overrides}
-
-
-# ---------------------------------------------------------------- the closed forms
-
-
-@pytest.mark.parametrize("kind,beta,alpha", KINDS)
-def test_closed_form_gradient_equals_autograd(kind, beta, alpha):
-    g = torch.Generator().manual_seed(0)
-    student = (3 * torch.randn(6, 40, generator=g, dtype=torch.float64)).requires_grad_()
-    teacher = 3 * torch.randn(6, 40, generator=g, dtype=torch.float64)
-    teacher[0, :7] = -torch.inf  # banned tokens: p_T = 0 exactly
-    expected = losses.per_token_divergence(student, teacher, kind, beta=beta, skew_alpha=alpha)
-    (grad,) = torch.autograd.grad(expected.sum(), student)
-    log_s = torch.log_softmax(student.detach(), -1)
-    log_t = torch.log_softmax(teacher.clamp(min=-1e30), -1)
-    per, closed = divergence_with_grad(log_s, log_t, kind, beta=beta, skew_alpha=alpha)
-    # losses.py computes in fp32; the closed forms ran in fp64 here
-    torch.testing.assert_close(per.float(), expected.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(closed.float(), grad.float(), rtol=1e-4, atol=1e-6)
+    return loss_spec(**{"kind": "jsd", **overrides})
 
 
 # ---------------------------------------------------------------- fused == plain, on real models
@@ -148,11 +124,11 @@ def test_closed_form_gradient_equals_autograd(kind, beta, alpha):
 def test_fused_equals_full_logits_for_every_kind(batch, teachers, kind, beta, alpha):
     student = causal_lm(V, 32, 0)
     opts = options(kind=kind, beta=beta, skew_alpha=alpha)
-    reference = value_and_grads(student, lambda: reference_objective(student, batch, teachers[:1], **opts))
+    reference = value_and_grads(student, lambda: reference_objective(student, batch, teachers[:1], opts))
     for chunk_size in (0, 4):
         fused = value_and_grads(
             student,
-            lambda c=chunk_size: kd_step_sums(student, batch, teachers[:1], chunk_size=c, **opts).objective,
+            lambda c=chunk_size: step(student, batch, teachers[:1], opts, c).objective,
         )
         assert_same(reference, fused)
 
@@ -163,12 +139,12 @@ def test_fused_equals_full_logits_for_two_teachers(batch, teachers, combine, kd_
     """Padded teacher vocabularies, per-teacher temperatures, weights, the CE/KD mix, a student temperature."""
     student = causal_lm(V, 32, 0, tie_word_embeddings=True)  # full fine-tuning through a tied head
     opts = options(kind="forward_kld", combine=combine, kd_ratio=kd_ratio, temperature=1.5)
-    reference = value_and_grads(student, lambda: reference_objective(student, batch, teachers, **opts))
+    reference = value_and_grads(student, lambda: reference_objective(student, batch, teachers, opts))
     assert "model.embed_tokens.weight" in reference[1]
     for chunk_size in (0, 5, 1000):
         fused = value_and_grads(
             student,
-            lambda c=chunk_size: kd_step_sums(student, batch, teachers, chunk_size=c, **opts).objective,
+            lambda c=chunk_size: step(student, batch, teachers, opts, c).objective,
         )
         assert_same(reference, fused)
 
@@ -191,42 +167,26 @@ def test_lora_student_with_self_and_online_teachers(batch, teachers, modules_to_
                 p.add_(0.05 * torch.randn_like(p))
     pair = [SelfTeacher(spec("self", weight=0.5), student), teachers[0]]
     opts = options(kind="jsd")
-    reference = value_and_grads(student, lambda: reference_objective(student, batch, pair, **opts))
+    reference = value_and_grads(student, lambda: reference_objective(student, batch, pair, opts))
     assert any("lora_B" in n for n in reference[1])
     assert (modules_to_save is not None) == any("modules_to_save" in n for n in reference[1])
-    fused = value_and_grads(
-        student, lambda: kd_step_sums(student, batch, pair, chunk_size=3, **opts).objective
-    )
+    fused = value_and_grads(student, lambda: step(student, batch, pair, opts, 3).objective)
     assert_same(reference, fused)
     assert all(m.training for m in student.modules()) or not student.training
 
 
-class DenseAsStoredRows:
-    """Stands in for stored sparse rows: not a tensor, so every combine takes the rows-object route."""
-
-    def __init__(self, logits):
-        self.logits = logits
-        self.vocab_width = logits.shape[-1]
-
-    def __getitem__(self, positions):
-        return DenseAsStoredRows(self.logits[positions])
-
-    def per_token_divergence(self, student, kind, **kw):
-        return losses.per_token_divergence(student, self.logits, kind, **kw)
-
-    def dense_log_probs(self, width, temperature):
-        return torch.log_softmax(self.logits[:, :width].float() / temperature, dim=-1)
-
-    def gold_log_prob(self, targets, temperature):
-        return torch.log_softmax(self.logits.float() / temperature, -1).gather(-1, targets[:, None])[:, 0]
-
-
 class StoredTeacher:
+    """A stored teacher holding every id of the student's width: its SparseRows equal the dense rows exactly, and
+    every combine takes the rows route that stores take."""
+
     def __init__(self, teacher):
-        self.spec, self.teacher = spec("stored", weight=0.4), teacher
+        self.spec, self.teacher, self.projects = spec("stored", weight=0.4), teacher, False
 
     def rows(self, batch, mask):
-        return DenseAsStoredRows(self.teacher.rows(batch, mask))
+        log_p = torch.log_softmax(self.teacher.rows(batch, mask).logits[:, :V].double(), -1)
+        return SparseRows(
+            torch.arange(V).expand(len(log_p), V), log_p.float(), torch.full((len(log_p),), -torch.inf), V
+        )
 
 
 @pytest.mark.parametrize("combine", ["weighted_loss", "mixture", "confidence"])
@@ -234,10 +194,8 @@ def test_stored_rows_are_sliced_with_the_student_chunks(batch, teachers, combine
     student = causal_lm(V, 32, 0)
     mixed = [StoredTeacher(teachers[0]), teachers[1]]
     opts = options(kind="forward_kld", combine=combine)
-    reference = value_and_grads(student, lambda: reference_objective(student, batch, mixed, **opts))
-    fused = value_and_grads(
-        student, lambda: kd_step_sums(student, batch, mixed, chunk_size=4, **opts).objective
-    )
+    reference = value_and_grads(student, lambda: reference_objective(student, batch, mixed, opts))
+    fused = value_and_grads(student, lambda: step(student, batch, mixed, opts, 4).objective)
     assert_same(reference, fused)
 
 
@@ -269,7 +227,7 @@ def test_no_full_logits_and_no_recompute_in_backward(batch, teachers):
     models = [student] + [t.model for t in teachers]
     record = RecordLogitShapes([V] + [t.model.config.vocab_size for t in teachers], *models)
     with record:
-        sums = kd_step_sums(student, batch, teachers, chunk_size=4, **options())
+        sums = step(student, batch, teachers, options(), 4)
         record.phase = "backward"
         sums.objective.backward()
     rows = [r for phase, r in record.seen if phase == "forward"]
@@ -282,14 +240,14 @@ def test_no_full_logits_and_no_recompute_in_backward(batch, teachers):
     # the plain path does hold every label row at once: the recorder can tell the two apart
     plain = RecordLogitShapes(record.widths, *models)
     with plain:
-        kd_step_sums(student, batch, teachers, chunk_size=0, **options())
+        step(student, batch, teachers, options(), 0)
     assert max(r for _, r in plain.seen) >= n
 
 
 def test_all_masked_batch_gives_zero_loss_and_zero_gradients(batch, teachers):
     student = causal_lm(V, 32, 0)
     empty = {**batch, "labels": torch.full_like(batch["labels"], -100)}
-    sums = kd_step_sums(student, empty, teachers, chunk_size=4, **options())
+    sums = step(student, empty, teachers, options(), 4)
     sums.objective.backward()
     assert sums.n_tokens == 0 and float(sums.objective.detach()) == 0.0
     assert all(float(p.grad.abs().max()) == 0.0 for p in student.parameters() if p.grad is not None)
@@ -298,8 +256,8 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradients(batch, teachers):
 def test_evaluation_under_no_grad_gives_the_same_sums(batch, teachers):
     student = causal_lm(V, 32, 0)
     with torch.no_grad():
-        plain = kd_step_sums(student, batch, teachers, chunk_size=0, **options())
-        fused = kd_step_sums(student, batch, teachers, chunk_size=4, **options())
+        plain = step(student, batch, teachers, options(), 0)
+        fused = step(student, batch, teachers, options(), 4)
     assert not fused.objective.requires_grad
     for a, b in [
         (plain.ce_sum, fused.ce_sum),
@@ -312,14 +270,10 @@ def test_evaluation_under_no_grad_gives_the_same_sums(batch, teachers):
 def test_head_with_logit_postprocessing_falls_back_to_the_plain_path(batch, teachers):
     student = causal_lm(V, 32, 0)
     student.config.final_logit_softcapping = 30.0  # as Gemma 2 declares it
-    reference = value_and_grads(
-        student, lambda: kd_step_sums(student, batch, teachers, **options()).objective
-    )
+    reference = value_and_grads(student, lambda: step(student, batch, teachers, options(), 0).objective)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fused = value_and_grads(
-            student, lambda: kd_step_sums(student, batch, teachers, chunk_size=4, **options()).objective
-        )
+        fused = value_and_grads(student, lambda: step(student, batch, teachers, options(), 4).objective)
     assert any("final_logit_softcapping" in str(w.message) for w in caught)
     assert_same(reference, fused, rtol=0)
 
@@ -334,9 +288,7 @@ def test_bf16_model_under_mixed_precision_output_conversion(batch, teachers):
     student.forward = convert_outputs_to_fp32(student.forward)
     pair = [SelfTeacher(spec("self", weight=0.5), student), teachers[0]]
     results = [
-        value_and_grads(
-            student, lambda c=c: kd_step_sums(student, batch, pair, chunk_size=c, **options()).objective
-        )
+        value_and_grads(student, lambda c=c: step(student, batch, pair, options(), c).objective)
         for c in (0, 4)
     ]
     (plain, plain_grads), (fused, fused_grads) = results
@@ -374,12 +326,12 @@ def test_fused_head_loss_alone_matches_cross_entropy():
     expected = F.cross_entropy(head(hidden), targets, reduction="sum")
     wrt = [hidden, head.weight, head.bias]
     grads = torch.autograd.grad(expected, wrt)
-    sums = fused_head_loss(hidden, head, targets, chunk_size=5)
+    sums = fused_head_loss(hidden, head, targets, [], [], [], loss_spec(kd_ratio=0.0, chunk_size=5))
     torch.testing.assert_close(sums.objective, expected)
     for a, b in zip(torch.autograd.grad(sums.objective * 1.0, wrt), grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="chunk_size"):
-        fused_head_loss(hidden, head, targets, chunk_size=0)
+        fused_head_loss(hidden, head, targets, [], [], [], loss_spec(kd_ratio=0.0, chunk_size=0))
 
 
 # ---------------------------------------------------------------- through the trainer and the config
@@ -403,14 +355,8 @@ def test_chunk_size_is_a_checked_config_key(tmp_path):
 
 def test_training_with_chunks_equals_training_without(tiny_pair, tmp_path):
     """Two SGD steps with a self-teacher and an online teacher: the same updates, chunked or not."""
-    import inspect
-
     from kd_helpers import kd_config, load_adapter_weights, max_abs_diff, train, write_records
 
-    from easydistill.train.trainer import KDTrainer
-
-    if "chunk_size" not in inspect.signature(KDTrainer.__init__).parameters:
-        pytest.skip("easydistill/trainer.py does not pass distillation.chunk_size on yet (see fused.py)")
     data = write_records(tmp_path / "train.jsonl", n=8)
     updates = []
     for chunk_size in (0, 5):

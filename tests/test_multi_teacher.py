@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from kd_helpers import kd_config, load_adapter_weights, train, write_records
+from kd_helpers import kd_config, load_adapter_weights, loss_spec, train, write_records
 
 from easydistill import cli
 from easydistill.kd import multi_train
 from easydistill.loss import divergence as losses
-from easydistill.loss.combine import combined_divergence
+from easydistill.loss.combine import combined_divergence as _combined
+from easydistill.loss.rows import DenseRows
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,12 @@ def test_two_copies_equal_one_teacher(tiny_pair, data, tmp_path):
     assert [e["kd_loss"] for e in history(tmp_path / "one")] == pytest.approx(
         [e["kd_loss"] for e in history(tmp_path / "two")], rel=1e-6
     )
+
+
+def combined_divergence(student, teachers, weights, temperatures, targets, combine="weighted_loss"):
+    """loss.combine's entry point on dense teacher logits, forward KL."""
+    rows = [DenseRows(t) for t in teachers]
+    return _combined(student, rows, weights, temperatures, targets, loss_spec(combine=combine))
 
 
 def _probs(rows):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from easydistill.loss import divergence as losses
-from easydistill.loss.divergence import KINDS, SparseRows
+from easydistill.loss.divergence import KINDS
+from easydistill.loss.rows import SparseRows
 
 N, V = 7, 23
 

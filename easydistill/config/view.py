@@ -23,6 +23,34 @@ class TeacherSpec:
     temperature: float
 
 
+@dataclass(frozen=True)
+class KDLoss:
+    """The run's loss, built once from the config (`Config.loss`) and handed to the trainer, `train.step.kd_step`
+    and `loss/`: total = ((1 − kd_ratio)·CE + kd_ratio·KD) / (label tokens of the optimizer step).
+    Each teacher adds its own weight and temperature (`TeacherSpec`)."""
+
+    kd_ratio: float  # 0 when nothing is distilled (black-box jobs, no teacher)
+    kind: str  # distillation.distillation_type: one of loss.divergence.KINDS
+    beta: float  # jsd's mixture weight
+    skew_alpha: float  # the skew KLs' mixture weight
+    combine: str  # how several teachers combine: loss.combine.COMBINES
+    temperature: float  # the student's softmax temperature (teachers default to it)
+    chunk_size: int  # 0: the plain path; > 0: the fused chunked path, that many label positions at a time
+
+    @classmethod
+    def from_distillation(cls, d: dict[str, Any], distils: bool) -> KDLoss:
+        """From the `distillation` block with its defaults filled; `distils` False sets kd_ratio to 0."""
+        return cls(
+            kd_ratio=float(d["kd_ratio"]) if distils else 0.0,
+            kind=d["distillation_type"],
+            beta=float(d["beta"]),
+            skew_alpha=float(d["skew_alpha"]),
+            combine=d["combine"],
+            temperature=float(d["temperature"]),
+            chunk_size=int(d.get("chunk_size") or 0),
+        )
+
+
 class Section:
     """Attribute access to one block; keys the schema knows but the file omits read as None."""
 
@@ -64,6 +92,7 @@ class Config:
                 known |= set(training_argument_types())
             setattr(self, block, Section(block, data.get(block, {}), known))
         self.teachers: list[TeacherSpec] = resolve_teachers(data)
+        self.loss = KDLoss.from_distillation(data["distillation"], self.is_white_box and bool(self.teachers))
 
     @property
     def max_length(self) -> int:

@@ -3,7 +3,6 @@ the run report): which records, which teachers, the figures, and their tables.""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,29 +208,11 @@ def evaluate_folder(cfg, folder: Path, *, generate: bool = True, reference=None,
 
 
 def eval_teachers(cfg, model, device):
-    """The config's teachers for evaluation. The self-teacher is the evaluated model with its adapters off,
-    or models.student itself when the evaluated model has no adapters."""
-    import torch
+    """The config's teachers for evaluating `model` (teachers.build_teachers, as training builds them), less
+    stores without eval rows."""
+    from easydistill.teachers import build_teachers
 
-    from easydistill.models import load_causal_lm, load_frozen_teacher
-    from easydistill.teachers import OnlineTeacher, SelfTeacher
-
-    teachers = []
-    for spec in cfg.teachers:
-        if spec.kind == "online":
-            teachers.append(OnlineTeacher(spec, load_frozen_teacher(spec.path, cfg, torch.device(device))))
-        elif spec.kind == "self" and hasattr(model, "disable_adapter"):
-            teachers.append(SelfTeacher(spec, model))
-        elif spec.kind == "self":
-            m = cfg.models
-            base = load_causal_lm(m.student, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-            as_online = dataclasses.replace(spec, kind="online", path=m.student)
-            teachers.append(OnlineTeacher(as_online, base.eval().requires_grad_(False).to(device)))
-        else:
-            from easydistill.teachers.cached import CachedTeacher
-
-            teachers.append(CachedTeacher.open(spec, cfg))
-    return with_eval_rows(teachers)
+    return with_eval_rows(build_teachers(cfg, model, device))
 
 
 def with_eval_rows(teachers, log=print0) -> list:

@@ -19,10 +19,9 @@ import math
 from collections.abc import Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from easydistill.data import IGNORE_INDEX, KDCollator
-from easydistill.loss import divergence as losses
+from easydistill.loss.rows import DenseRows
 
 
 @contextlib.contextmanager
@@ -54,54 +53,32 @@ class ModelRows:
     def __init__(self, model):
         self.model = model
 
-    def rows(self, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    def rows(self, batch: dict, mask: torch.Tensor) -> DenseRows:
         inputs = {k: batch[k].to(_device(self.model)) for k in ("input_ids", "attention_mask")}
-        return self.model(**inputs).logits[:, :-1][mask.to(_device(self.model))].to(mask.device)
+        return DenseRows(self.model(**inputs).logits[:, :-1][mask.to(_device(self.model))].to(mask.device))
 
 
 JSD_BETA = 0.5  # the symmetric Jensen-Shannon divergence: bounded by log 2, defined where KL is infinite
 
 
-def _teacher_top1(rows) -> torch.Tensor:
-    """(N,) the teacher's most likely token id: argmax of dense logits, or the best stored id of sparse rows."""
-    if torch.is_tensor(rows):
-        return rows.float().argmax(-1)
-    scores = rows.log_probs.float().masked_fill(rows.ids < 0, -math.inf)
-    return rows.ids.gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1)
-
-
 def _versus(s_rows: torch.Tensor, rows) -> dict[str, float]:
-    """Sums over N positions of the student's (N, V_s) logits against one teacher's rows (dense or sparse)."""
-    if torch.is_tensor(rows):
-        rows = rows.to(s_rows.device)
-        shared = min(s_rows.shape[-1], rows.shape[-1])
-        kl = losses.per_token_divergence(s_rows, rows, "forward_kld")
-        jsd = losses.per_token_divergence(s_rows, rows, "jsd", beta=JSD_BETA)
-        sums = {"agree": (s_rows[:, :shared].argmax(-1) == rows[:, :shared].float().argmax(-1)).sum()}
-    else:  # stored top-k: the divergences on the k stored ids + the tail bucket (losses.SparseRows)
-        rows = rows.to(s_rows.device)
-        kl = rows.per_token_divergence(s_rows, "forward_kld")
-        jsd = rows.per_token_divergence(s_rows, "jsd", beta=JSD_BETA)
-        student_argmax = s_rows[:, : rows.vocab_width].argmax(-1)
-        stored = rows.log_probs.float().masked_fill(rows.ids < 0, -math.inf)
-        sums = {
-            "agree": (student_argmax == _teacher_top1(rows)).sum(),
-            "topk_mass": stored.logsumexp(-1).exp().sum(),  # the teacher's mass on its stored ids
-            # the student's mass on the same ids (its distribution cut to the store's width)
-            "student_topk_mass": rows.student_log_probs(s_rows)[:, :-1].logsumexp(-1).exp().sum(),
-        }
-    sums.update(kl=kl.sum(), jsd=jsd.sum())
+    """Sums over N positions of the student's (N, V_s) logits against one teacher's rows (loss/rows.py). Stored
+    top-k rows score on the k stored ids + the tail bucket and add their top-k mass figures."""
+    rows, shared = rows.to(s_rows.device), min(s_rows.shape[-1], rows.width)
+    sums = {
+        "kl": rows.per_token_divergence(s_rows, "forward_kld").sum(),
+        "jsd": rows.per_token_divergence(s_rows, "jsd", beta=JSD_BETA).sum(),
+        "agree": (s_rows[:, :shared].argmax(-1) == rows.top1(shared)).sum(),
+        **rows.mass_figures(s_rows),
+    }
     return {k: float(v) for k, v in sums.items()}
 
 
 def _own(rows, targets: torch.Tensor) -> dict[str, float]:
-    """Sums over N positions of a model's own figures on the labels: CE (nats) and top-1 accuracy."""
-    if torch.is_tensor(rows):
-        ce = F.cross_entropy(rows.float(), targets.to(rows.device), reduction="sum")
-    else:  # stored rows: a label outside the k stored ids gets an even share of the tail mass
-        ce = -rows.gold_log_prob(targets.to(rows.ids.device)).sum()
-    top1 = _teacher_top1(rows).to(targets.device)
-    return {"ce": float(ce), "correct": float((top1 == targets).sum())}
+    """Sums over N positions of a teacher's own figures on the labels: CE (nats) and top-1 accuracy. Stored rows
+    give a label outside the k stored ids an even share of the tail mass."""
+    ce = -rows.gold_log_prob(targets.to(rows.top1().device)).sum()
+    return {"ce": float(ce), "correct": float((rows.top1().to(targets.device) == targets).sum())}
 
 
 def _per_token(sums: dict[str, float], n: int) -> dict:
@@ -149,7 +126,7 @@ def heldout_metrics(model, teachers: Mapping[str, object], batches: Iterable[dic
             targets = batch["labels"][:, 1:][mask]  # (N,)
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
             s_rows = model(**inputs).logits[:, :-1][mask].float()  # (N, V_s)
-            add(model_sums, _own(s_rows, targets))
+            add(model_sums, _own(DenseRows(s_rows), targets))
             n_tokens += int(targets.numel())
             for name, teacher in teachers.items():
                 rows = teacher.rows(batch, mask)

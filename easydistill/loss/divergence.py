@@ -1,15 +1,23 @@
-"""Distillation divergences between a student and a teacher distribution over the vocabulary.
+"""Distillation divergences: ONE table of the six kinds, each with its value and closed-form gradient side by side.
 
-Pure tensor code: imports torch only. Conventions (see docs/losses.md for the maths):
+Pure tensor code: imports torch only. Conventions (docs/losses.md has the maths):
 
-- p_T = softmax(teacher_logits / T), p_S = softmax(student_logits / T), computed in fp32 log-space.
-- Each divergence is summed over the vocabulary per position; reductions average over positions
-  whose label is not -100.
-- No T² scaling (GKD / TRL convention); callers that want Hinton's scaling multiply by T² themselves.
-- Padded vocabularies: both sides are cut to ``vocab_size`` (default: the smaller last dim) before
-  the softmax, so padding rows never receive probability mass.
-- Stored (top-k) teachers: ``SparseRows`` offers the same divergences on the k stored ids + one tail
-  bucket, the student collapsed onto them (docs/losses.md, "Sparse (top-k) teachers").
+- p_T = softmax(teacher_logits / T), p_S = softmax(student_logits / T), in log-space, fp32 unless the caller
+  hands over fp64 log-probabilities.
+- Each divergence is summed over the categories per position (the vocabulary for dense teacher rows, the k
+  stored ids + one tail bucket for stored rows, loss/rows.py); reductions average over positions whose
+  label is not -100. No T² scaling (GKD / TRL convention).
+- The teacher is a constant target: no gradient flows into it.
+
+Both loss paths read `TABLE`: the plain path through `of_log_probs` (a torch.autograd.Function whose backward
+is the table's gradient), the fused path (loss/chunked.py) through `divergence_into` on its reused buffers.
+For a kind D that depends on the student only through p_s = softmax(x), x = z / T, with G = ∂D/∂p_s:
+
+    ∂D/∂x = p_s ⊙ (G − ⟨p_s, G⟩)
+
+so each kind only needs its G. Stored rows hand over the student's log-probabilities collapsed onto K + 1
+categories; they are normalised, so treating them as the logits x of a (K + 1)-way softmax gives the right
+chain-rule gradient through the collapse (a constant shift of ∂D/∂x is annihilated by the softmax below).
 """
 
 from __future__ import annotations
@@ -20,17 +28,101 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KINDS = ("forward_kld", "reverse_kld", "jsd", "skew_forward_kld", "skew_reverse_kld", "tvd")
 REDUCTIONS = ("mean", "sum", "none")
 IGNORE_INDEX = -100
-# Logits of -inf (banned tokens) are raised to this finite floor: their probability is still exactly 0,
-# but no log-probability is -inf, so a mixture's logsumexp over two -inf entries (whose backward is
-# exp(-inf - (-inf)) = NaN) and 0·(−inf) products cannot occur.
-_LOGIT_FLOOR = -1e30
+# Logits of -inf (banned tokens) are raised to this finite floor: their probability is still exactly 0, but no
+# log-probability is -inf, so no 0·(−inf) product and no logsumexp over two -inf entries (NaN backward) occurs.
+LOGIT_FLOOR = -1e30
 
 
-def _check_params(kind: str, beta: float, temperature: float, skew_alpha: float) -> None:
-    if kind not in KINDS:
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """(n, C), (n, C) -> (n,) row-wise ⟨x, y⟩; on the CPU without an (n, C) temporary (a 152k-wide temporary per
+    chunk costs more in page faults than the arithmetic)."""
+    if x.device.type == "cpu" and x.shape[0] <= 256:
+        return x.new_zeros(0) if x.shape[0] == 0 else torch.stack([torch.dot(a, b) for a, b in zip(x, y)])
+    return torch.einsum("nc,nc->n", x, y)
+
+
+def _log_mixture_into(out: Tensor, p: Tensor, q: Tensor, w: float) -> Tensor:
+    """out = log(m / w), m = w·p + (1−w)·q, 0 < w < 1, floored at the smallest normal float before the log
+    so that it stays finite where both distributions underflow (their terms are 0 there either way)."""
+    return torch.add(p, q, alpha=(1.0 - w) / w, out=out).clamp_(min=torch.finfo(out.dtype).tiny).log_()
+
+
+# ---------------------------------------------------------------- the table
+# Each kind: (ls, ps, lt, pt, a, beta, alpha, need_grad) -> (D per position (n,), g (n, C) or None, scale) with
+# ∂D/∂x = scale · g. ls/ps, lt/pt: student and teacher log-probabilities and probabilities (n, C); `a` scratch
+# (n, C) that g may occupy; lt and pt may be overwritten, ls and ps are not. Sums take p·(log p − log q)
+# elementwise, never Σ p log p − Σ p log q: two entropies of a 100k-token vocabulary would cancel to a small
+# divergence with fp32 rounding left over.
+
+
+def _forward_kld(ls, ps, lt, pt, a, beta, alpha, need_grad):
+    """KL(p_t ‖ p_s) = Σ p_t (log p_t − log p_s).    ∂D/∂x = p_s − p_t."""
+    per = _rowdot(pt, torch.sub(lt, ls, out=a))
+    return per, (torch.sub(ps, pt, out=a) if need_grad else None), 1.0
+
+
+def _reverse_kld(ls, ps, lt, pt, a, beta, alpha, need_grad):
+    """KL(p_s ‖ p_t) = Σ p_s (log p_s − log p_t).    G = log p_s − log p_t + 1, so ∂D/∂x = p_s (G − D − 1)."""
+    per = _rowdot(ps, torch.sub(ls, lt, out=a))
+    return per, (a.sub_(per.unsqueeze(-1)).mul_(ps) if need_grad else None), 1.0
+
+
+def _jsd(ls, ps, lt, pt, a, beta, alpha, need_grad):
+    """β KL(p_t ‖ m) + (1−β) KL(p_s ‖ m), m = β p_t + (1−β) p_s (GKD / TRL generalized JSD).
+    G = (1−β)(log p_s − log m); the mixture terms of G cancel. β = 0 and β = 1 are the KLs (`resolve`)."""
+    log_w = math.log(beta)
+    _log_mixture_into(a, pt, ps, beta)  # log m − log β
+    kl_t = _rowdot(pt, lt.sub_(a)) - log_w
+    c = _rowdot(ps, torch.sub(ls, a, out=a))  # KL(p_s ‖ m) + log β
+    per = beta * kl_t + (1.0 - beta) * (c - log_w)
+    return per, (a.sub_(c.unsqueeze(-1)).mul_(ps) if need_grad else None), 1.0 - beta
+
+
+def _skew_forward_kld(ls, ps, lt, pt, a, beta, alpha, need_grad):
+    """KL(p_t ‖ m), m = α p_t + (1−α) p_s (DistiLLM).    G = −(1−α) p_t / m."""
+    _log_mixture_into(a, pt, ps, alpha)  # log m − log α
+    per = _rowdot(pt, torch.sub(lt, a, out=a)) - math.log(alpha)
+    if not need_grad:
+        return per, None, 1.0
+    return per, _softmax_grad(a.exp_(), ps), -(1.0 - alpha) / alpha  # a = α p_t / m
+
+
+def _skew_reverse_kld(ls, ps, lt, pt, a, beta, alpha, need_grad):
+    """KL(p_s ‖ m), m = α p_s + (1−α) p_t.    G = log(p_s / m) + 1 − α p_s / m."""
+    _log_mixture_into(a, ps, pt, alpha)  # log m − log α
+    per = _rowdot(ps, torch.sub(ls, a, out=a)) - math.log(alpha)  # a = log(α p_s / m)
+    if not need_grad:
+        return per, None, 1.0
+    return per, _softmax_grad(a.sub_(torch.exp(a, out=pt)), ps), 1.0  # G up to constants, which drop out
+
+
+def _tvd(ls, ps, lt, pt, a, beta, alpha, need_grad):
+    """½ Σ |p_t − p_s|.    G = ½ sign(p_s − p_t)."""
+    torch.sub(ps, pt, out=a)
+    per = 0.5 * torch.abs(a, out=pt).sum(-1)
+    return per, (_softmax_grad(a.sign_(), ps) if need_grad else None), 0.5
+
+
+def _softmax_grad(g: Tensor, ps: Tensor) -> Tensor:
+    """In place: G (n, C) -> p_s ⊙ (G − ⟨p_s, G⟩), the gradient w.r.t. the softmax's logits."""
+    return g.sub_(_rowdot(ps, g).unsqueeze(-1)).mul_(ps)
+
+
+TABLE = {
+    "forward_kld": _forward_kld,
+    "reverse_kld": _reverse_kld,
+    "jsd": _jsd,
+    "skew_forward_kld": _skew_forward_kld,
+    "skew_reverse_kld": _skew_reverse_kld,
+    "tvd": _tvd,
+}
+KINDS = tuple(TABLE)
+
+
+def check_params(kind: str, beta: float, temperature: float, skew_alpha: float) -> None:
+    if kind not in TABLE:
         raise ValueError(f"unknown divergence kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -40,46 +132,80 @@ def _check_params(kind: str, beta: float, temperature: float, skew_alpha: float)
         raise ValueError(f"skew_alpha must be in [0, 1), got {skew_alpha}")
 
 
-def _check_leading(student_logits: Tensor, teacher_logits: Tensor) -> None:
+def resolve(kind: str, beta: float, skew_alpha: float) -> str:
+    """The endpoints are the KLs exactly: jsd at β = 0 is forward KL, at β = 1 reverse KL; a skew at α = 0 is
+    its plain KL (the mixture formulas would divide by 0 there)."""
+    if kind == "jsd" and beta == 0.0 or kind == "skew_forward_kld" and skew_alpha == 0.0:
+        return "forward_kld"
+    if kind == "jsd" and beta == 1.0 or kind == "skew_reverse_kld" and skew_alpha == 0.0:
+        return "reverse_kld"
+    return kind
+
+
+def divergence_into(
+    ls, ps, lt, pt, kind, beta, skew_alpha, a, need_grad
+) -> tuple[Tensor, Tensor | None, float]:
+    """The table's entry for `kind` on (n, C) buffers: (D (n,), g or None, scale) with ∂D/∂x = scale · g."""
+    return TABLE[resolve(kind, beta, skew_alpha)](ls, ps, lt, pt, a, beta, skew_alpha, need_grad)
+
+
+class _TableDivergence(torch.autograd.Function):
+    """Forward: the table's value; backward: the table's gradient (saved by the forward), times grad_output."""
+
+    @staticmethod
+    def forward(ctx, log_s: Tensor, log_t: Tensor, kind: str, beta: float, skew_alpha: float) -> Tensor:
+        ls, lt = log_s.detach(), log_t.detach().clone()  # the table may overwrite lt and pt
+        need = ctx.needs_input_grad[0]
+        per, g, scale = divergence_into(
+            ls, ls.exp(), lt, lt.exp(), kind, beta, skew_alpha, torch.empty_like(ls), need
+        )
+        ctx.save_for_backward(g.mul_(scale) if need else None)
+        return per
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        (g,) = ctx.saved_tensors
+        return g * grad_out.unsqueeze(-1), None, None, None, None
+
+
+def of_log_probs(log_s: Tensor, log_t: Tensor, kind: str, beta: float, skew_alpha: float) -> Tensor:
+    """(..., C), (..., C) normalised, finite log-probabilities of the student and the teacher -> (...) divergence,
+    differentiable w.r.t. log_s (the student's log_softmax output) through the table's closed form."""
+    leading = log_s.shape[:-1]
+    flat = _TableDivergence.apply(
+        log_s.reshape(-1, log_s.shape[-1]), log_t.reshape(-1, log_t.shape[-1]), kind, beta, skew_alpha
+    )
+    return flat.reshape(leading)
+
+
+# ---------------------------------------------------------------- dense logits
+
+
+def log_probs(logits: Tensor, vocab: int, temperature: float) -> Tensor:
+    """(..., V_any) -> (..., vocab) fp32 log-softmax of the temperature-scaled, vocab-cut logits."""
+    scaled = (logits[..., :vocab].float() / temperature).clamp(min=LOGIT_FLOOR)
+    return F.log_softmax(scaled, dim=-1)
+
+
+def shared_log_probs(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, vocab_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(..., V_s), (..., V_t) -> both sides' log-probabilities on the first `vocab_size` (default min(V_s, V_t))
+    columns: padding rows of an embedding matrix never receive probability mass."""
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             "student and teacher logits must agree on every dim but the vocabulary: "
             f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
-
-
-def _shared_vocab(student_logits: Tensor, teacher_logits: Tensor, vocab_size: int | None) -> int:
-    _check_leading(student_logits, teacher_logits)
     shared = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    if vocab_size is None:
-        return shared
-    if not 0 < vocab_size <= shared:
+    vocab = shared if vocab_size is None else vocab_size
+    if not 0 < vocab <= shared:
         raise ValueError(
             f"vocab_size={vocab_size} must be in [1, {shared}] (student has "
             f"{student_logits.shape[-1]} columns, teacher {teacher_logits.shape[-1]})"
         )
-    return vocab_size
-
-
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p‖q) = Σ_v p (log p − log q) from log-probabilities: (..., V), (..., V) -> (...).
-
-    Both inputs come from ``_log_probs`` and are finite, so a token with p == 0 contributes
-    0 · finite = 0 to the value and to the gradient: no 0·log 0 special case is needed.
-    """
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def _log_probs(logits: Tensor, vocab: int, temperature: float) -> Tensor:
-    """(..., V_any) -> (..., vocab) fp32 log-softmax of the temperature-scaled, vocab-cut logits."""
-    scaled = (logits[..., :vocab].float() / temperature).clamp(min=_LOGIT_FLOOR)
-    return F.log_softmax(scaled, dim=-1)
-
-
-def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
-    """log(w·a + (1−w)·b) for 0 < w < 1, without leaving log-space: (..., V) -> (..., V)."""
-    stacked = torch.stack([log_a + math.log(weight_a), log_b + math.log1p(-weight_a)])
-    return torch.logsumexp(stacked, dim=0)
+    return log_probs(student_logits, vocab, temperature), log_probs(teacher_logits, vocab, temperature)
 
 
 def per_token_divergence(
@@ -94,53 +220,15 @@ def per_token_divergence(
 ) -> Tensor:
     """(..., V_s), (..., V_t) -> (...) divergence per position, summed over the vocabulary, in fp32.
 
-    kind:
-      forward_kld       KL(p_T ‖ p_S)
-      reverse_kld       KL(p_S ‖ p_T)
-      jsd               β·KL(p_T ‖ m) + (1−β)·KL(p_S ‖ m), m = β·p_T + (1−β)·p_S (GKD / TRL
-                        generalized JSD). The mixture formula is 0 at β ∈ {0, 1}, so the endpoints
-                        are defined as the KLs instead: β=0 returns forward_kld exactly, β=1
-                        returns reverse_kld exactly.
-      skew_forward_kld  KL(p_T ‖ α·p_T + (1−α)·p_S), α = skew_alpha (DistiLLM); α=0 is forward_kld.
-      skew_reverse_kld  KL(p_S ‖ α·p_S + (1−α)·p_T); α=0 is reverse_kld.
-      tvd               ½·Σ|p_T − p_S|
-
-    Logits are divided by ``temperature`` before the softmax; the result is NOT multiplied by T².
-    Both sides are cut to ``vocab_size`` (default min(V_s, V_t)) before the softmax. Inputs may be
-    bf16/fp16; the maths runs in fp32. The teacher is not detached here: callers decide.
+    kind (see TABLE): forward_kld KL(p_T‖p_S); reverse_kld KL(p_S‖p_T); jsd β·KL(p_T‖m) + (1−β)·KL(p_S‖m),
+    m = β·p_T + (1−β)·p_S (β=0 is exactly forward_kld, β=1 exactly reverse_kld); skew_forward_kld
+    KL(p_T‖α·p_T + (1−α)·p_S); skew_reverse_kld KL(p_S‖α·p_S + (1−α)·p_T), α = skew_alpha; tvd ½·Σ|p_T − p_S|.
+    Logits are divided by ``temperature`` before the softmax; the result is NOT multiplied by T². Inputs may be
+    bf16/fp16; the maths runs in fp32.
     """
-    _check_params(kind, beta, temperature, skew_alpha)
-    vocab = _shared_vocab(student_logits, teacher_logits, vocab_size)
-    log_s = _log_probs(student_logits, vocab, temperature)
-    log_t = _log_probs(teacher_logits, vocab, temperature)
-    return _divergence_of_log_probs(log_s, log_t, kind, beta, skew_alpha)
-
-
-def _divergence_of_log_probs(
-    log_s: Tensor, log_t: Tensor, kind: str, beta: float, skew_alpha: float
-) -> Tensor:
-    """(..., C), (..., C) finite log-probabilities of the student and the teacher -> (...) divergence.
-
-    C is the vocabulary for dense rows, or the k stored ids + one tail bucket for sparse rows.
-    """
-    if kind == "forward_kld" or (kind == "jsd" and beta == 0.0):
-        return _kl(log_t, log_s)
-    if kind == "reverse_kld" or (kind == "jsd" and beta == 1.0):
-        return _kl(log_s, log_t)
-    if kind == "jsd":
-        log_m = _log_mixture(log_t, log_s, beta)
-        return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
-    if kind == "skew_forward_kld":
-        # The mixture would need log(0) at α=0; the plain KL is its exact value there.
-        if skew_alpha == 0.0:
-            return _kl(log_t, log_s)
-        return _kl(log_t, _log_mixture(log_t, log_s, skew_alpha))
-    if kind == "skew_reverse_kld":
-        if skew_alpha == 0.0:
-            return _kl(log_s, log_t)
-        return _kl(log_s, _log_mixture(log_s, log_t, skew_alpha))
-    # tvd: |p_T − p_S| needs probabilities; exp of a log_softmax is bounded, so no overflow.
-    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1)
+    check_params(kind, beta, temperature, skew_alpha)
+    log_s, log_t = shared_log_probs(student_logits, teacher_logits, temperature, vocab_size)
+    return of_log_probs(log_s, log_t, kind, beta, skew_alpha)
 
 
 def divergence(
@@ -158,21 +246,15 @@ def divergence(
     """(..., V_s), (..., V_t) -> reduced divergence, fp32 (see ``per_token_divergence``).
 
     mask: bool (...), True where the position counts (label != -100); None counts every position.
-    reduction:
-      'mean'  average over unmasked positions; 0 when there are none, with zero gradients.
-      'sum'   sum over unmasked positions.
-      'none'  (...) per position, masked positions set to 0.
+    reduction: 'mean' over unmasked positions (0 with zero gradients when there are none), 'sum', or 'none'
+    ((...) per position, masked positions 0).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
     options = dict(beta=beta, temperature=temperature, skew_alpha=skew_alpha, vocab_size=vocab_size)
     if mask is None:
         per = per_token_divergence(student_logits, teacher_logits, kind, **options)
-        if reduction == "none":
-            return per
-        return per.sum() if reduction == "sum" else per.mean()
-
-    _check_leading(student_logits, teacher_logits)
+        return {"none": per, "sum": per.sum(), "mean": per.mean()}[reduction]
     leading = student_logits.shape[:-1]
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
@@ -180,189 +262,13 @@ def divergence(
         raise ValueError(
             f"mask shape {tuple(mask.shape)} does not match logits leading shape {tuple(leading)}"
         )
-
-    # Only the counted rows go through the softmax: prompts are masked, so this usually skips a
-    # large share of the (…, V) work, and masked rows can never inject NaN into the gradients.
+    if teacher_logits.shape[:-1] != leading:
+        shared_log_probs(student_logits, teacher_logits, temperature)  # raises the shape error
+    # Only the counted rows go through the softmax: prompts are masked, so this usually skips a large share of
+    # the (…, V) work, and masked rows can never inject NaN into the gradients.
     per = per_token_divergence(student_logits[mask], teacher_logits[mask], kind, **options)  # (N,)
     if reduction == "none":
-        out = per.new_zeros(leading)
-        out[mask] = per
-        return out
+        return per.new_zeros(leading).index_put_((mask,), per)
     total = per.sum()
-    if reduction == "sum":
-        return total
     # clamp keeps an all-masked batch at 0/1 = 0 instead of 0/0 = NaN.
-    return total / mask.sum().clamp(min=1)
-
-
-def token_sums(
-    student_logits: Tensor,
-    labels: Tensor,
-    teacher_logits: Tensor | None,
-    kind: str,
-    *,
-    beta: float,
-    temperature: float,
-    skew_alpha: float = 0.1,
-    vocab_size: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-micro-batch sums for the CE/KD mix; the trainer normalises over the whole optimizer step.
-
-    student_logits (B, T, V_s), labels (B, T) with -100 for ignored positions, teacher_logits
-    (B, T, V_t) or None. HF causal-LM alignment: logits at position t predict token t+1, so the
-    sums use logits[:, :-1] against labels[:, 1:].
-
-    Returns (ce_sum, kd_sum, n_tokens):
-      ce_sum    fp32 scalar, cross-entropy summed over valid positions, on the student's full
-                (not vocab-cut) logits at temperature 1.
-      kd_sum    fp32 scalar, the divergence summed over the same positions (0 if no teacher).
-      n_tokens  int64 scalar, count of labels[:, 1:] != -100.
-
-    The caller computes ((1 − kd_ratio)·ce_sum + kd_ratio·kd_sum) / N_step, with N_step the valid
-    token count of the whole optimizer step (all micro-batches, all ranks).
-    """
-    _check_params(kind, beta, temperature, skew_alpha)
-    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
-        raise ValueError(
-            f"expected student_logits (B, T, V) and labels (B, T), got {tuple(student_logits.shape)} "
-            f"and {tuple(labels.shape)}"
-        )
-    if teacher_logits is not None and teacher_logits.shape[:2] != student_logits.shape[:2]:
-        raise ValueError(
-            f"teacher_logits {tuple(teacher_logits.shape)} must share (B, T) with student_logits "
-            f"{tuple(student_logits.shape)}"
-        )
-
-    targets = labels[:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX  # (B, T-1)
-    n_tokens = mask.sum()
-    # Selecting the rows first keeps the fp32 copy of the logits to the counted positions only.
-    student_rows = student_logits[:, :-1][mask]  # (N, V_s)
-    ce_sum = F.cross_entropy(student_rows.float(), targets[mask], reduction="sum")
-
-    if teacher_logits is None:
-        kd_sum = ce_sum.new_zeros(())
-    else:
-        teacher_rows = teacher_logits[:, :-1][mask]  # (N, V_t)
-        kd_sum = per_token_divergence(
-            student_rows,
-            teacher_rows,
-            kind,
-            beta=beta,
-            temperature=temperature,
-            skew_alpha=skew_alpha,
-            vocab_size=vocab_size,
-        ).sum()
-    return ce_sum, kd_sum, n_tokens
-
-
-# ---------------------------------------------------------------- sparse (top-k) teachers
-
-
-class SparseRows:
-    """Stored teacher rows: for each of N positions the k most likely token ids plus one tail bucket.
-
-    ids        (N, K) int64 token ids; -1 marks an unused slot (a row that stored fewer than K ids)
-    log_probs  (N, K) the teacher's raw log-probabilities of those ids: log_softmax of its logits at
-               temperature 1 over the first `vocab_width` columns (any float dtype; fp16 on disk)
-    tail       (N,) log of the mass outside the stored ids, log(1 − Σ p_k); -inf when nothing is left
-
-    Divergences are taken between two distributions over the same K + 1 categories (the K ids and the
-    tail): the teacher's stored one, and the student's collapsed onto the same ids plus its own remaining
-    mass. At temperature T the teacher's K + 1 log-masses are divided by T and renormalised; the tail is
-    treated as one token, which is exact at T = 1 or when the tail is empty (k = V), approximate otherwise
-    (see docs/losses.md, "Sparse (top-k) teachers"). The same methods as dense rows are offered to
-    teachers/ensemble.py; nothing here builds a (batch, seq, vocab) tensor.
-    """
-
-    def __init__(self, ids: Tensor, log_probs: Tensor, tail: Tensor, vocab_width: int):
-        if ids.dim() != 2 or log_probs.shape != ids.shape or tail.shape != ids.shape[:1]:
-            raise ValueError(
-                f"expected ids (N, K), log_probs (N, K), tail (N,); got {tuple(ids.shape)}, "
-                f"{tuple(log_probs.shape)}, {tuple(tail.shape)}"
-            )
-        if ids.numel() and int(ids.max()) >= vocab_width:
-            raise ValueError(f"a stored token id ({int(ids.max())}) is outside vocab_width={vocab_width}")
-        self.ids, self.log_probs, self.tail = ids.long(), log_probs, tail
-        self.vocab_width = int(vocab_width)
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def __getitem__(self, rows) -> SparseRows:
-        """A subset of the positions (a slice, index tensor or bool mask over N), e.g. for chunked losses."""
-        return SparseRows(self.ids[rows], self.log_probs[rows], self.tail[rows], self.vocab_width)
-
-    def to(self, device) -> SparseRows:
-        return SparseRows(
-            self.ids.to(device), self.log_probs.to(device), self.tail.to(device), self.vocab_width
-        )
-
-    def teacher_log_probs(self, temperature: float = 1.0) -> Tensor:
-        """(N, K + 1) fp32: log p over the K ids then the tail, divided by T and renormalised."""
-        raw = torch.cat([self.log_probs.float(), self.tail.float().unsqueeze(-1)], dim=-1)
-        unused = torch.cat([self.ids < 0, torch.zeros_like(self.ids[:, :1], dtype=torch.bool)], dim=-1)
-        raw = raw.masked_fill(unused, -math.inf)
-        return F.log_softmax((raw / temperature).clamp(min=_LOGIT_FLOOR), dim=-1)
-
-    def student_log_probs(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
-        """(N, V_s) student logits -> (N, K + 1) fp32: log q of the K ids, then of every other token together.
-
-        The student is cut to `vocab_width` columns first, as dense KD cuts to the shared width.
-        """
-        if student_logits.shape[0] != len(self) or student_logits.shape[-1] < self.vocab_width:
-            raise ValueError(
-                f"student rows {tuple(student_logits.shape)} do not match {len(self)} stored rows of "
-                f"width {self.vocab_width}"
-            )
-        log_q = _log_probs(student_logits, self.vocab_width, temperature)  # (N, W)
-        valid = self.ids >= 0
-        index = self.ids.clamp(min=0)
-        top = log_q.gather(-1, index).masked_fill(~valid, _LOGIT_FLOOR)  # (N, K)
-        # An id may be listed once per row, but unused slots all point at column 0: count, do not assign.
-        stored = torch.zeros_like(log_q).scatter_add_(-1, index, valid.float()) > 0  # (N, W)
-        # masked_fill blocks the gradient to the stored columns; the floor keeps an empty tail finite.
-        tail = torch.logsumexp(log_q.masked_fill(stored, _LOGIT_FLOOR), dim=-1, keepdim=True)
-        return torch.cat([top, tail], dim=-1)
-
-    def per_token_divergence(
-        self,
-        student_logits: Tensor,
-        kind: str,
-        *,
-        beta: float = 0.5,
-        temperature: float = 1.0,
-        skew_alpha: float = 0.1,
-    ) -> Tensor:
-        """(N, V_s) student logits -> (N,) divergence on the K + 1 categories (same kinds as dense)."""
-        _check_params(kind, beta, temperature, skew_alpha)
-        log_s = self.student_log_probs(student_logits, temperature)
-        log_t = self.teacher_log_probs(temperature)
-        return _divergence_of_log_probs(log_s, log_t, kind, beta, skew_alpha)
-
-    def _tail_log_share(self, log_t: Tensor, width: int) -> Tensor:
-        """(N,) log-probability of one tail token: the tail mass spread evenly over the unstored ids."""
-        n_stored = ((self.ids >= 0) & (self.ids < width)).sum(-1)
-        rest = (width - n_stored).clamp(min=1).float()
-        share = log_t[:, -1] - rest.log()
-        return torch.where(width - n_stored > 0, share, torch.full_like(share, -math.inf))
-
-    def gold_log_prob(self, targets: Tensor, temperature: float = 1.0) -> Tensor:
-        """(N,) log-probability of each label token: its stored value, else an even share of the tail."""
-        log_t = self.teacher_log_probs(temperature)
-        hit = (self.ids == targets.unsqueeze(-1)) & (self.ids >= 0)  # (N, K)
-        stored = log_t[:, :-1].masked_fill(~hit, -math.inf).amax(-1)
-        value = torch.where(hit.any(-1), stored, self._tail_log_share(log_t, self.vocab_width))
-        return torch.where(targets < self.vocab_width, value, torch.full_like(value, -math.inf))
-
-    def dense_log_probs(self, width: int, temperature: float = 1.0) -> Tensor:
-        """(N, width) log-probabilities with the tail spread evenly over the unstored ids (for `mixture`).
-
-        This is the one place a full row is built: (N, width) like the student's own rows, never per batch
-        and sequence position of the whole vocabulary.
-        """
-        log_t = self.teacher_log_probs(temperature)
-        dense = self._tail_log_share(log_t, width).clamp(min=_LOGIT_FLOOR).unsqueeze(-1).repeat(1, width)
-        rows, slots = ((self.ids >= 0) & (self.ids < width)).nonzero(as_tuple=True)
-        dense[rows, self.ids[rows, slots]] = log_t[rows, slots]
-        return F.log_softmax(dense, dim=-1)  # ids past `width` left mass behind: renormalise
+    return total if reduction == "sum" else total / mask.sum().clamp(min=1)

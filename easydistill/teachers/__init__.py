@@ -1,31 +1,59 @@
 """Teachers give token distributions for a batch of student inputs. A single teacher is a list of one.
 
-Every teacher has `spec` (name, weight, temperature) and `rows(batch, mask)`: its distribution at the
-positions `mask` (B, T-1) selects (label positions, after the causal shift), as (N, V_t) logits computed
-under no_grad. Row i describes the same prediction of the same sample as the student's row i. Stored-logit
-teachers slot in behind the same method, returning sparse top-k rows instead of dense logits.
+Every teacher follows `Teacher`: its distribution at the positions `mask` (B, T-1) selects (label positions,
+after the causal shift) as rows (loss/rows.py), row i describing the same prediction of the same sample as
+the student's row i. Online and self teachers are models (`projects` True: the fused loss asks them for hidden
+rows and projects a chunk at a time); stored teachers hand over sparse top-k rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Protocol
+
 from easydistill.teachers.online import OnlineTeacher
 from easydistill.teachers.self_teacher import SelfTeacher
 
-__all__ = ["OnlineTeacher", "SelfTeacher", "build_teachers"]
+__all__ = ["OnlineTeacher", "SelfTeacher", "Teacher", "build_teachers"]
 
 
-def build_teachers(cfg, student_model, device):
+class Teacher(Protocol):
+    spec: object  # config.TeacherSpec: name, kind, weight, temperature
+    projects: bool  # hidden_rows + head_logits give the same logits as rows (a model with a plain head)
+    head: object  # its output layer (torch.nn.Module), None without a model
+
+    def rows(self, batch: dict, mask):
+        """DenseRows or SparseRows at the N positions `mask` (B, T-1) selects, under no_grad."""
+
+    def hidden_rows(self, batch: dict, mask):
+        """(N, H_t) final hidden states at those positions, no logits computed."""
+
+    def head_logits(self, hidden, out=None):
+        """(n, H_t) -> (n, V_t) logits, into `out` when the head allows it."""
+
+    def generate(self, **kwargs):
+        """Sampled token ids, as `model.generate` (sequence-level KD, evaluation)."""
+
+
+def build_teachers(cfg, student_model, device) -> list[Teacher]:
+    """The config's teachers, for training and for evaluation alike. The self-teacher is `student_model` with its
+    adapters off; a student without adapters (an evaluated merged or full model) gets models.student as a
+    frozen online teacher instead (training configs cannot get there: a self-teacher needs LoRA)."""
     import torch
 
     from easydistill.models import load_frozen_teacher
 
+    offload = bool(cfg.models.teacher_offload)
     teachers = []
     for spec in cfg.teachers:
-        if spec.kind == "self":
+        if spec.kind == "self" and hasattr(student_model, "disable_adapter"):
             teachers.append(SelfTeacher(spec, student_model))
-        elif spec.kind == "online":
-            offload = cfg.models.teacher_offload
-            model = load_frozen_teacher(spec.path, cfg, torch.device("cpu") if offload else device)
+        elif spec.kind in ("self", "online"):
+            if spec.kind == "self":
+                spec = dataclasses.replace(spec, kind="online", path=cfg.models.student)
+            model = load_frozen_teacher(
+                spec.path, cfg, torch.device("cpu") if offload else torch.device(device)
+            )
             teachers.append(OnlineTeacher(spec, model, offload=offload))
         else:  # stored logits: kd.infer (or kd.train, before this) made sure the store is complete
             from easydistill.teachers.cached import CachedTeacher

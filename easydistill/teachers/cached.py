@@ -5,7 +5,7 @@ split, in dataset order) and `sample_split` (0 train, 1 eval); the store lists e
 same order, so (split, index) -> sample id -> its rows. Before use, every example's token ids are hashed and
 compared with the hash stored with its rows, and its label count with its row count: a store computed for
 other data (other file, template, max_seq_length, tokenizer) stops the run naming the sample, whatever the
-shuffling, accumulation, number of ranks or resume point. Rows come back as `losses.SparseRows`.
+shuffling, accumulation, number of ranks or resume point. Rows come back as `loss.rows.SparseRows`.
 """
 
 from __future__ import annotations
@@ -16,17 +16,32 @@ import torch
 from easydistill.config import TeacherSpec
 from easydistill.data import SPLITS, tokenized_hash
 from easydistill.errors import UserError
-from easydistill.loss.divergence import SparseRows
+from easydistill.loss.rows import SparseRows
 from easydistill.store.topk import TopKLogitsStore
 
 
 class CachedTeacher:
-    """Same interface as OnlineTeacher: `spec` and `rows(batch, mask)`, here returning SparseRows."""
+    """The Teacher interface (teachers/__init__.py) over a store: `rows` returns SparseRows; there is no model, so
+    it does not project (`projects` False) and cannot generate."""
+
+    projects = False
+    head = None
 
     def __init__(self, spec: TeacherSpec, store: TopKLogitsStore):
         self.spec = spec
         self.store = store
         self._told_no_eval = False
+
+    def hidden_rows(self, batch, mask):
+        raise NotImplementedError(
+            f"teacher {self.spec.name!r} is stored logits: it has rows, no hidden states"
+        )
+
+    def head_logits(self, hidden, out=None):
+        raise NotImplementedError(f"teacher {self.spec.name!r} is stored logits: it has no output head")
+
+    def generate(self, **kwargs):
+        raise NotImplementedError(f"teacher {self.spec.name!r} is stored logits: it cannot write new text")
 
     @classmethod
     def open(cls, spec: TeacherSpec, cfg) -> CachedTeacher:

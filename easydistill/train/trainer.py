@@ -8,13 +8,13 @@ DeepSpeed through accelerate, checkpoints, resume, the progress bar and the logg
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import Trainer
 
 from easydistill.train.on_policy import is_on_policy, on_policy_settings, sample_completions, student_generate
-from easydistill.train.step import kd_step_sums
+from easydistill.train.step import kd_step
 
 # What KDTrainer sums between two logs (order of its running-sums vector).
 SUMS = (
@@ -32,45 +32,41 @@ SUMS = (
 class KDTrainer(Trainer):
     """Trainer with total = ((1 - kd_ratio) * CE_sum + kd_ratio * KD_sum) / N_step.
 
-    KD_sum combines the teachers (see teachers/ensemble.py); N_step is the number of label tokens in the
-    whole optimizer step, over every micro-batch and rank, so that the loss does not depend on how a step
-    is split into micro-batches or processes.
+    `training_step` decides which batch a micro-step trains on (the data, or completions sampled on-policy /
+    by the teacher); `compute_loss` computes it: one `kd_step` (train/step.py) and the normalisation. KD_sum
+    combines the teachers (loss/combine.py); N_step is the number of label tokens in the whole optimizer step,
+    over every micro-batch and rank, so that the loss does not depend on how a step is split.
     """
 
     # compute_loss divides by the step's token count itself, so Trainer must not divide by the GA steps again.
     loss_is_scaled_for_ga = True
 
-    def __init__(
-        self,
-        *args,
-        teachers=(),
-        kd_ratio=0.5,
-        kind="forward_kld",
-        beta=0.5,
-        skew_alpha=0.1,
-        combine="weighted_loss",
-        temperature=1.0,
-        on_policy=None,
-        chunk_size=0,
-        **kwargs,
-    ):
+    def __init__(self, *args, loss, teachers=(), on_policy=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.teachers = list(teachers)
-        self.kd_ratio = kd_ratio if self.teachers else 0.0
-        self.kind, self.beta, self.skew_alpha = kind, beta, skew_alpha
-        self.combine, self.temperature = combine, temperature
-        self.chunk_size = chunk_size  # > 0: the fused chunked loss (easydistill/loss/chunked.py)
+        # config.KDLoss, built once from the config (cfg.loss); nothing to distil from without a teacher
+        self.loss = loss if self.teachers else replace(loss, kd_ratio=0.0)
         # Trainer counts the valid tokens of every optimizer step (all micro-batches, gathered over ranks)
         # only for models that take loss kwargs; our loss always uses that count.
         self.model_accepts_loss_kwargs = True
         self.on_policy = on_policy  # OnPolicySettings or None
         self._micro = (-1, 0)  # (global step, micro-batch index within it)
         self._lmbda = 0.0
+        self._source, self._sampling_seconds = None, 0.0  # who sampled the current micro-batch, and how long
         # Running sums between two logs, see SUMS; then the kd of each teacher.
         self._sums = torch.zeros(len(SUMS) + len(self.teachers), dtype=torch.float64, device=self.args.device)
         self._log_clock = time.perf_counter()
 
-    def _generated_batch(self, model, inputs) -> tuple[dict, str | None, float]:
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Which batch: on-policy micro-batches swap the data's for completions sampled for its prompts."""
+        self._source, self._sampling_seconds = None, 0.0
+        if self.on_policy is not None:
+            inputs, self._source, self._sampling_seconds = self._sampled_batch(
+                model, self._prepare_inputs(inputs)
+            )
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _sampled_batch(self, model, inputs) -> tuple[dict, str | None, float]:
         """(batch to train on, which policy sampled it or None, seconds spent sampling)."""
         step = self.state.global_step
         self._micro = (step, self._micro[1] + 1) if self._micro[0] == step else (step, 0)
@@ -88,33 +84,19 @@ class KDTrainer(Trainer):
         return batch, source, time.perf_counter() - start
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        source, seconds = None, 0.0
-        if model.training and self.on_policy is not None:
-            inputs, source, seconds = self._generated_batch(model, inputs)
+        source = self._source if model.training else None
         # The student's own samples are scored by divergence alone (GKD); CE on them would teach nothing.
-        kd_ratio = 1.0 if source == "student" else self.kd_ratio
-        sums = kd_step_sums(
-            model,
-            inputs,
-            self.teachers,
-            kd_ratio=kd_ratio,
-            kind=self.kind,
-            beta=self.beta,
-            skew_alpha=self.skew_alpha,
-            combine=self.combine,
-            temperature=self.temperature,
-            chunk_size=self.chunk_size,
-            return_outputs=return_outputs,
-        )
-        ce_sum, kd_sum, own_sums, n_tokens = sums.ce_sum, sums.kd_sum, sums.own_sums, sums.n_tokens
-        outputs = sums.outputs
-        loss = sums.objective  # (1 - kd_ratio) * ce_sum + kd_ratio * kd_sum, differentiable
+        loss_spec = replace(self.loss, kd_ratio=1.0) if source == "student" else self.loss
+        sums = kd_step(model, inputs, self.teachers, loss_spec, return_outputs=return_outputs)
+        n_tokens = sums.n_tokens
         if source is not None:
             # Sampled lengths are unknown before sampling, so a generated micro-batch is its own token mean,
             # averaged over the step's micro-batches (and over ranks by DDP).
-            loss = loss / max(n_tokens, 1) / self.current_gradient_accumulation_steps
+            loss = sums.objective / max(n_tokens, 1) / self.current_gradient_accumulation_steps
         else:
-            loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1))
+            loss = sums.objective / (
+                num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
+            )
             if (
                 self.args.average_tokens_across_devices
                 and self.accelerator.num_processes > 1
@@ -123,17 +105,21 @@ class KDTrainer(Trainer):
                 # The denominator already counts every rank's tokens; DDP averages gradients over ranks.
                 loss = loss * self.accelerator.num_processes
         if model.training:
-            counts = [
-                n_tokens,
-                inputs["attention_mask"].sum(),
-                1,
-                source == "student",
-                n_tokens if source else 0,
-                seconds,
-            ]
-            step = [ce_sum.detach(), *map(ce_sum.new_tensor, map(float, counts)), kd_sum.detach(), *own_sums]
-            self._sums += torch.stack([v.double() for v in step]).to(self._sums.device)
-        return (loss, outputs) if return_outputs else loss
+            self._add_sums(sums, inputs, source)
+        return (loss, sums.outputs) if return_outputs else loss
+
+    def _add_sums(self, sums, inputs, source) -> None:
+        counts = [
+            sums.n_tokens,
+            inputs["attention_mask"].sum(),
+            1,
+            source == "student",
+            sums.n_tokens if source else 0,
+            self._sampling_seconds,
+        ]
+        ce = sums.ce_sum.detach()
+        step = [ce, *map(ce.new_tensor, map(float, counts)), sums.kd_sum.detach(), *sums.own_sums]
+        self._sums += torch.stack([v.double() for v in step]).to(self._sums.device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log; every rank logs together, so the reduce below is safe
@@ -223,7 +209,7 @@ def prepare_run(cfg) -> KDRun:
     hf_logging.disable_progress_bar()  # per-file loading bars; the training bar is Trainer's own
     args = training_arguments(cfg)
     set_seed(args.seed)
-    m, d = cfg.models, cfg.distillation
+    m = cfg.models
     tokenizer = load_tokenizer(m.student, m.trust_remote_code)
     train_examples, eval_examples, stats = training_examples(cfg, tokenizer)
     print0(f"data: {stats.summary()}; {len(train_examples)} train / {len(eval_examples)} eval examples")
@@ -250,13 +236,7 @@ def prepare_run(cfg) -> KDRun:
         data_collator=KDCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         teachers=teachers,
-        kd_ratio=d.kd_ratio if cfg.is_white_box else 0.0,
-        kind=d.distillation_type,
-        beta=d.beta,
-        skew_alpha=d.skew_alpha,
-        combine=d.combine,
-        temperature=d.temperature,
-        chunk_size=d.chunk_size or 0,
+        loss=cfg.loss,
         on_policy=on_policy_settings(cfg, tokenizer, student),
     )
     return KDRun(cfg, trainer, tokenizer, train_examples, eval_examples, stats)
