@@ -36,11 +36,12 @@ LOGIT_FLOOR = -1e30
 
 
 def _rowdot(x: Tensor, y: Tensor) -> Tensor:
-    """(n, C), (n, C) -> (n,) row-wise ⟨x, y⟩; on the CPU without an (n, C) temporary (a 152k-wide temporary per
-    chunk costs more in page faults than the arithmetic)."""
-    if x.device.type == "cpu" and x.shape[0] <= 256:
-        return x.new_zeros(0) if x.shape[0] == 0 else torch.stack([torch.dot(a, b) for a, b in zip(x, y)])
-    return torch.einsum("nc,nc->n", x, y)
+    """(n, C), (n, C) -> (n,) row-wise ⟨x, y⟩; on the CPU one dot per row, without an (n, C) temporary (a
+    152k-wide temporary per chunk costs more in page faults than the arithmetic; 480 × 32k rows: 0.05 s by dots,
+    0.11 s by einsum, 0.32 s by (x * y).sum(-1) on one thread here)."""
+    if x.device.type != "cpu":
+        return (x * y).sum(-1)  # accelerators' caching allocators make the temporary cheap
+    return x.new_zeros(0) if x.shape[0] == 0 else torch.stack([torch.dot(a, b) for a, b in zip(x, y)])
 
 
 def _log_mixture_into(out: Tensor, p: Tensor, q: Tensor, w: float) -> Tensor:
