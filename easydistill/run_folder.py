@@ -303,3 +303,26 @@ def replaced_input_problems(base: str, adapter: str, out: str | Path) -> list[st
     if Path(out).is_dir() and is_run_folder(out):
         problems.append(f"{out}: holds a training run, which a merge never replaces")
     return problems
+
+
+def eval_output(cfg, out: str | None, overwrite: bool) -> Path | None:
+    """Where `easydistill.eval` writes its JSON: `out` when given (an existing file only with --overwrite, never
+    an input of the config), else a new eval[-N].json in output_dir when that is a run folder; None: print only.
+    Raises UserError before anything is evaluated."""
+    from easydistill.errors import UserError
+
+    if out is None:
+        if not is_run_folder(cfg.output_dir):
+            return None
+        names = ("eval.json", *(f"eval-{n}.json" for n in range(2, 10_000)))
+        return next(cfg.output_dir / n for n in names if not (cfg.output_dir / n).exists())
+    target, resolved = Path(out), real(out)
+    inputs = [*model_folders(cfg), *_data_files(cfg)] + ([("--config", cfg.source)] if cfg.source else [])
+    for key, path in inputs:
+        if _relation(resolved, real(path)) in ("is", "lies inside"):
+            raise UserError(f"--out {out}: is or lies inside {key} ({path!r}), which the run reads")
+    if target.is_dir():
+        raise UserError(f"--out {out}: is a folder; give the path of a JSON file")
+    if target.exists() and not overwrite:
+        raise UserError(f"--out {out}: exists; pass --overwrite to replace it, or choose another file")
+    return target

@@ -154,6 +154,25 @@ def test_every_problem_of_a_file_at_once(base, tmp_path, capsys):
     assert "3 problems" in err
 
 
+@pytest.mark.parametrize(
+    "name,text,where",
+    [
+        (
+            "deep.jsonl",
+            '{"instruction": "a", "output": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+            "deep.jsonl:1:",
+        ),
+        ("deep.json", "[" + "[" * 100_000 + "]" * 100_000 + "]", "deep.json:1:2:"),
+        ("digits.jsonl", '{"instruction": "a", "output": ' + "9" * 5000 + "}\n", "digits.jsonl:1:"),
+    ],
+)
+def test_unreadable_data_file_named_with_its_line(name, text, where, base, tmp_path, capsys):
+    (tmp_path / name).write_text(text)
+    path = write(edit(base, "dataset.labeled_path", str(tmp_path / name)), tmp_path)
+    err = refused(validate.main, ["--config", str(path)], capsys)
+    assert f"$.dataset.labeled_path: {tmp_path / where} cannot be read as JSON" in err
+
+
 # ---------------------------------------------------------------- model folders, read as bytes
 
 

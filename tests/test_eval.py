@@ -159,10 +159,12 @@ def test_eval_command_prints_the_table_and_writes_json(tiny_pair, eval_files, tm
     versus = student["vs"]["teacher"]
     assert versus["kl"] > 0 and 0 < versus["jsd"] <= math.log(2) and 0 <= versus["top1_agreement"] <= 1
 
-    # the teacher evaluated as the model: its KL to itself is 0
-    assert (
-        call(["--config", str(path), "--out", str(out), "--model", str(tiny_pair[0]), "--no-generate"]) == 0
-    )
+    # the teacher evaluated as the model: its KL to itself is 0. The existing --out is replaced only when asked.
+    again = ["--config", str(path), "--out", str(out), "--model", str(tiny_pair[0]), "--no-generate"]
+    before = out.read_bytes()
+    assert call(again) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert call([*again, "--overwrite"]) == 0
     itself = json.loads(out.read_text())["student"]
     assert itself["vs"]["teacher"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert itself["vs"]["teacher"]["top1_agreement"] == 1.0 and itself["exact_match"] is None

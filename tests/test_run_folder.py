@@ -220,3 +220,27 @@ def test_merge_overwrite_replaces_only_an_earlier_merge(models, finished_run, tm
     code, err = run_cli(merge.main, [*argv[:-1], str(other), "--overwrite"], capsys)
     assert code == 2 and "not a model easydistill.merge wrote" in err
     assert digest(other) == before
+
+
+# ---------------------------------------------------------------- where easydistill.eval writes
+
+
+def test_eval_output_never_replaces_silently_nor_writes_an_input(models, data, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(kd_config(models, data, out))
+    assert run_folder.eval_output(cfg, None, False) is None, (
+        "no run folder: nothing written (not ./eval.json)"
+    )
+    out.mkdir()
+    run_folder.stamp(out, "r")
+    assert run_folder.eval_output(cfg, None, False) == out / "eval.json"
+    (out / "eval.json").write_text("{}")
+    assert run_folder.eval_output(cfg, None, False) == out / "eval-2.json"
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    with pytest.raises(UserError, match="pass --overwrite"):
+        run_folder.eval_output(cfg, str(mine), False)
+    assert run_folder.eval_output(cfg, str(mine), True) == mine
+    for victim in (models[1] / "config.json", data, models[0] / "new.json"):
+        with pytest.raises(UserError, match="which the run reads"):
+            run_folder.eval_output(cfg, str(victim), True)

@@ -40,6 +40,10 @@ def _read_items(path) -> Iterator[tuple[str, object]]:
     return _read_jsonl(p, text) if suffix == ".jsonl" else _read_json_list(p, text)
 
 
+def _unreadable(exc: Exception) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
 def _read_jsonl(p: Path, text: str) -> Iterator[tuple[str, object]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -48,6 +52,8 @@ def _read_jsonl(p: Path, text: str) -> Iterator[tuple[str, object]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{p}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        except (RecursionError, ValueError) as e:  # nested thousands deep; an integer of 4300+ digits
+            raise UserError(f"{p}:{lineno}: cannot be read as JSON ({_unreadable(e)})") from None
         yield f"{p}:{lineno}", obj
 
 
@@ -83,6 +89,8 @@ def _read_json_list(p: Path, text: str) -> Iterator[tuple[str, object]]:
                 obj, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError as e:
                 raise UserError(f"{p}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+            except (RecursionError, ValueError) as e:
+                raise fail(i, f"cannot be read as JSON ({_unreadable(e)})") from None
             counted_line += text.count("\n", counted_pos, i)  # positions only grow: count incrementally
             counted_pos = i
             yield f"{p}:{counted_line} (item {index})", obj
