@@ -11,7 +11,7 @@ from easydistill.cli import config_parser, load_and_check, run
 
 
 def summary(cfg, report) -> str:
-    d, lora = cfg.distillation, cfg.lora
+    loss, lora = cfg.loss, cfg.lora
     lines = [f"ok: {cfg.source}", f"  job:        {cfg.job_type}", f"  student:    {cfg.models.student}"]
     for t in cfg.teachers:
         where = {"self": "student base weights, LoRA disabled", "online": t.path, "cached": t.logits_path}[
@@ -23,9 +23,9 @@ def summary(cfg, report) -> str:
     if not cfg.teachers:
         lines.append(f"  teacher:    {cfg.teacher_mode}")
     if cfg.is_white_box:
-        extra = f", beta={d.beta:g}" if d.distillation_type == "jsd" else ""
+        extra = f", beta={loss.beta:g}" if loss.kind == "jsd" else ""
         lines.append(
-            f"  loss:       (1 - {d.kd_ratio:g})*CE + {d.kd_ratio:g}*{d.distillation_type}(T={d.temperature:g}{extra})"
+            f"  loss:       (1 - {loss.kd_ratio:g})*CE + {loss.kd_ratio:g}*{loss.kind}(T={loss.temperature:g}{extra})"
         )
     else:
         lines.append("  loss:       CE on the labeled answers")

@@ -147,14 +147,13 @@ def curves(log_history: list[dict], evaluations: list[dict]) -> dict[str, list[l
 
 
 def build_report(cfg, log_history, evaluations, teachers, metrics) -> dict:
-    d = cfg.distillation
     return {
         "config": cfg.source,
         "output_dir": str(cfg.output_dir),
         "job_type": cfg.job_type,
         "student": cfg.models.student,
         "teachers": [{"name": t.name, "kind": t.kind, "weight": t.weight} for t in cfg.teachers],
-        "objective": {"kd_ratio": d.kd_ratio if cfg.is_white_box else 0.0, "kind": d.distillation_type},
+        "objective": {"kd_ratio": cfg.loss.kd_ratio, "kind": cfg.loss.kind},
         "evaluations": evaluations,
         "teacher_figures": teachers,
         "curves": curves(log_history, evaluations),
