@@ -104,6 +104,12 @@ def _check_lora(cfg: Config, problems: list[str], report: PreflightReport):
         return
     if shapes is None:
         return  # no safetensors weights: _model_folder has said so
+    largest = max((max(shape) for shape in shapes.values() if len(shape) == 2), default=0)
+    if largest and lora.r > largest and not lora.init_from:
+        problems.append(
+            f"$.lora.r: {lora.r} is larger than every dimension of the student's weights (largest {largest}); "
+            "a LoRA rank is at most min(in, out) of the layer it adapts"
+        )
     linear_names, every = module_names(shapes, model_config(student))
     linear = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
     report.linear_modules = linear

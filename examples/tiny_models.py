@@ -191,8 +191,9 @@ def build_pair(root, *, arch: str = "qwen2", tokenizer=None, seed: int = 0) -> t
 
 def point_config_at(raw: dict, teacher, student, data, output_dir, repo_root=None) -> dict:
     """A config dict (a shipped one, say) with its models, training data and output_dir replaced: the
-    student folder, every model teacher's folder (a self-teacher stays), `data` as labeled_path (no eval
-    file), a relative template resolved against `repo_root`. Everything else is kept as it was."""
+    student folder, every model teacher's folder (a self-teacher stays), `data` as labeled_path (an eval file
+    becomes a quarter of `data`, so that evaluation settings keep their eval data), a relative template
+    resolved against `repo_root`. Everything else is kept as it was."""
     raw["models"]["student"] = str(student)
     t = raw["models"].get("teacher")
     if isinstance(t, str) and t != "self":
@@ -202,7 +203,8 @@ def point_config_at(raw: dict, teacher, student, data, output_dir, repo_root=Non
             {**e, "path": str(teacher)} if isinstance(e, dict) else str(teacher) for e in t
         ]
     raw["dataset"]["labeled_path"] = str(data)
-    raw["dataset"].pop("eval_path", None)
+    if raw["dataset"].pop("eval_path", None):
+        raw["dataset"]["eval_ratio"] = 0.25
     if raw["dataset"].get("template") and repo_root is not None:
         raw["dataset"]["template"] = str(Path(repo_root) / raw["dataset"]["template"])
     raw["training"]["output_dir"] = str(output_dir)

@@ -69,6 +69,12 @@ NUMBERS = [
     ("minus-inf-weight-decay", "training.weight_decay", "-Infinity", "$.training.weight_decay: Infinity"),
     ("huge-max-steps", "training.max_steps", "1" + "0" * 30, "$.training.max_steps: the integer"),
     ("huge-lora-r", "lora.r", "9" * 25, "$.lora.r: the integer"),
+    (
+        "lora-r-past-the-weights",
+        "lora.r",
+        str(2**40),
+        "$.lora.r: 1099511627776 is larger than every dimension",
+    ),
     ("digits-past-the-reader", "training.max_steps", "9" * 5000, "cannot be read as JSON"),
     ("negative-seed", "training.seed", "-1", "$.training.seed: -1 is out of range"),
     ("seed-past-32-bits", "training.seed", str(2**40), "$.training.seed: 1099511627776 is out of range"),
