@@ -7,10 +7,11 @@ import os
 import sys
 from collections.abc import Callable
 
-from easydistill.errors import UserError, write_failure
-from easydistill.runtime import print0
+from easydistill.errors import RunStopped, UserError, write_failure
+from easydistill.runtime import is_main_process, print0
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_STOPPED = 3
 
 
 def offline_by_default() -> None:
@@ -21,7 +22,8 @@ def offline_by_default() -> None:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run an entry point: user errors print one readable message and exit 2, without a traceback."""
+    """Run an entry point: user errors print one readable message and exit 2, a run that stopped itself
+    (non-finite loss) exits 3; neither with a traceback."""
     offline_by_default()
     try:
         code = main(argv)
@@ -34,6 +36,10 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except RunStopped as exc:
+        if is_main_process():  # every rank stops together; one says why
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_RUN_STOPPED)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

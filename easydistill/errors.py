@@ -68,3 +68,7 @@ def file_system_errors(path):
         if error is None:
             raise
         raise error from exc
+
+
+class RunStopped(Exception):
+    """The run stopped itself to protect what it would write (e.g. a non-finite loss). Entry points exit 3."""

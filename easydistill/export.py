@@ -1,7 +1,8 @@
 """Saving what a run produced: adapter or model, tokenizer, and a merged model checked against the adapter.
 
 The merged model is written to a temporary folder next to its destination, reloaded from disk, compared with
-base + adapter on real inputs, and only then moved into place: a failed check leaves nothing half-done.
+base + adapter on real inputs, and only then moved into place: a failed check or a kill leaves nothing
+half-done (the temporary folder of a killed merge is removed by the next merge into the same place).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from easydistill.atomic import remove_stale_partials, replace_path
 from easydistill.errors import UserError
+from easydistill.faults import kill_point
 from easydistill.model_checks import adapter_folder_problems
 from easydistill.models import load_causal_lm, load_tokenizer
 from easydistill.run_folder import MERGE_MARKER, replaced_input_problems
@@ -79,6 +82,7 @@ def merge_adapter(
         adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base, trust_remote_code
     )
     merged = _adapter_model(base, adapter, dtype, trust_remote_code).merge_and_unload()
+    remove_stale_partials(out.parent, only=out.name)  # left by an interrupted merge
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -86,6 +90,7 @@ def merge_adapter(
         tokenizer.save_pretrained(staging)
         (staging / MERGE_MARKER).write_text(json.dumps({"base": str(base), "adapter": str(adapter)}) + "\n")
         del merged
+        kill_point("merge")
         diff, scale = max_logit_difference(
             staging, base, adapter, sample_input_ids(tokenizer, texts), trust_remote_code
         )
@@ -99,9 +104,7 @@ def merge_adapter(
                 f"the merged model's logits differ from the adapter model's by {diff:.3g} (> {limit:.3g}); "
                 f"nothing was written to {out}"
             )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        replace_path(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return diff

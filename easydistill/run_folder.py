@@ -280,19 +280,6 @@ def check_resume(cfg, resume) -> None:
         )
 
 
-def stamping_callback(identity: str | None):
-    """A TrainerCallback that records the run id in every checkpoint the main process saves."""
-    from transformers import TrainerCallback
-
-    class StampCheckpoints(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if identity and state.is_world_process_zero and checkpoint.is_dir():
-                stamp(checkpoint, identity)
-
-    return StampCheckpoints()
-
-
 def replaced_input_problems(base: str, adapter: str, out: str | Path) -> list[str]:
     """The floor under every merge, the run's own included: `out` is replaced only when it is neither an input
     (nor holds one) nor a training run."""

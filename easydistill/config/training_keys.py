@@ -25,7 +25,7 @@ SFT_KEYS = {
 }
 
 # Keys of our own inside `training`, removed before TrainingArguments is built.
-OWN_KEYS = {"overwrite_output_dir"}
+OWN_KEYS = {"overwrite_output_dir", "skip_nonfinite_steps"}
 
 
 @functools.cache

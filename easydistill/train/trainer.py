@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import Trainer
 
+from easydistill.train.checkpoints import CrashSafeCheckpoints
+from easydistill.train.finite import FiniteSteps
 from easydistill.train.on_policy import is_on_policy, on_policy_settings, sample_completions, student_generate
 from easydistill.train.step import kd_step
 
@@ -29,7 +31,7 @@ SUMS = (
 )
 
 
-class KDTrainer(Trainer):
+class KDTrainer(CrashSafeCheckpoints, FiniteSteps, Trainer):
     """Trainer with total = ((1 - kd_ratio) * CE_sum + kd_ratio * KD_sum) / N_step.
 
     `training_step` decides which batch a micro-step trains on (the data, or completions sampled on-policy /
@@ -238,6 +240,7 @@ def prepare_run(cfg) -> KDRun:
         teachers=teachers,
         loss=cfg.loss,
         on_policy=on_policy_settings(cfg, tokenizer, student),
+        skip_nonfinite_steps=cfg.training.skip_nonfinite_steps or 0,
     )
     return KDRun(cfg, trainer, tokenizer, train_examples, eval_examples, stats)
 
@@ -259,23 +262,37 @@ def run_training(cfg, report=None, *, reference=None) -> dict:
 def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
     import json
 
+    from easydistill.atomic import write_text_atomic
     from easydistill.evaluation.report import attach_report
     from easydistill.export import merge_adapter
-    from easydistill.run_folder import check_resume, run_id, stamping_callback, start_run
+    from easydistill.run_folder import check_resume, stamp, start_run
     from easydistill.runtime import is_main_process, print0
+    from easydistill.train.checkpoints import (
+        already_finished,
+        clear_interrupted,
+        finished_metrics,
+        mark_complete,
+        plan_resume,
+        staged_export,
+    )
 
-    resume = cfg.training.resume_from_checkpoint or None
-    if resume:
-        check_resume(cfg, resume)  # the checkpoint must be this run's (before any marker is rewritten)
+    # Which checkpoint to resume from: the newest complete one (read before anything is changed).
+    plan = plan_resume(cfg.training.resume_from_checkpoint, cfg.output_dir)
+    if plan.checkpoint:  # it must be this run's (checked before any marker is rewritten)
+        check_resume(cfg, plan.checkpoint)
     if is_main_process():
-        start_run(cfg, log=print0)  # models and data are loaded: the run is known to start
-    trainer.accelerator.wait_for_everyone()
-    trainer.add_callback(stamping_callback(run_id(cfg.output_dir)))
+        identity = start_run(cfg, log=print0)  # models and data are loaded: the run is known to start
+        trainer.checkpoint_writers.append(lambda folder: stamp(folder, identity))
+    clear_interrupted(trainer, cfg.output_dir, plan, cfg.training.resume_from_checkpoint, log=print0)
+    if plan.nothing_to_do:
+        return finished_metrics(cfg.output_dir)
     # Held-out figures before / after (and at each Trainer evaluation) for report.json, report.md, the plot.
     reporter = attach_report(run, log=print0, reference=reference)
-    if reporter is not None and not resume:  # a resumed run's "before" is its checkpoint, loaded in train()
+    if reporter is not None and not plan.checkpoint:  # a resumed run's "before" is its checkpoint
         reporter.before()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=plan.checkpoint)
+    if already_finished(trainer, cfg.output_dir, log=print0):
+        return finished_metrics(cfg.output_dir)
     metrics = dict(result.metrics)
     metrics.update({f"data_{k}": v for k, v in vars(run.stats).items()})
     if run.eval_examples:
@@ -284,8 +301,10 @@ def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
         after = reporter.after()
         metrics.update({f"heldout_{k}": after[k] for k in ("ce", "exact_match") if after.get(k) is not None})
         metrics.update({f"heldout_kl/{name}": v["kl"] for name, v in after["vs"].items()})
-    trainer.save_model(str(cfg.output_dir))
-    trainer.save_state()
+    with staged_export(trainer, cfg.output_dir) as staging:  # files appear in output_dir only when complete
+        trainer.save_model(str(staging))
+        if trainer.args.should_save:
+            trainer.state.save_to_json(str(staging / "trainer_state.json"))
     if cfg.lora.enable and cfg.lora.save_merged_model and trainer.is_world_process_zero():
         texts = [run.tokenizer.decode(e.input_ids) for e in (run.eval_examples or run.train_examples)[:4]]
         metrics["merged_max_logit_diff"] = merge_adapter(
@@ -298,9 +317,10 @@ def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
             log=print0,
         )
     if trainer.is_world_process_zero():
-        (cfg.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(cfg.output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if reporter is not None:
             reporter.write(metrics)
             print0(f"report: {cfg.output_dir / 'report.md'} ({reporter.seconds:.1f} s of evaluation)")
+        mark_complete(cfg.output_dir, trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
     return metrics
