@@ -44,7 +44,8 @@ def test_a_run_leaves_complete_checkpoints_only(finished):
     assert [step for step, _ in checkpoints(finished)] == [3, 4]  # rotated in the real folder
     for _, folder in checkpoints(finished):
         assert checkpoint_problem(folder) is None
-        assert (folder / MANIFEST).is_file()
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        assert "easydistill_run.json" in files  # the run id is part of the checkpoint before it is renamed
     assert (finished / COMPLETE).is_file()
     assert [p.name for p in finished.iterdir() if p.name.startswith(".")] == []
 
