@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+import easydistill.own_package  # noqa: F401  (first: refuses a shadowed package)
 from easydistill.cli import config_parser, load_and_check, run
 from easydistill.evaluation.heldout import check_evaluable, evaluate_folder, format_tables, resolve_model
 from easydistill.run_folder import eval_output

@@ -33,7 +33,21 @@ def _adapter_model(base: str, adapter: str, dtype: str, trust_remote_code: bool)
     from peft import PeftModel
 
     model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code)
-    return PeftModel.from_pretrained(model, adapter).eval()
+    try:
+        return PeftModel.from_pretrained(model, adapter).eval()
+    except (RuntimeError, ValueError, KeyError) as exc:  # size mismatch, missing target modules
+        raise UserError(_wrong_base(base, adapter, exc)) from None
+
+
+def _wrong_base(base: str, adapter: str, exc: Exception) -> str:
+    import json
+
+    said = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+    return (
+        f"the adapter {adapter} does not fit the base model {base} ({detail[:300]}); pass the base it was "
+        f"trained on" + (f" (its adapter_config.json says {said!r})" if said else "")
+    )
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import easydistill.own_package  # noqa: F401  (first: refuses a shadowed package)
 from easydistill.cli import run
 from easydistill.errors import UserError
 from easydistill.model_checks import adapter_folder_problems

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import easydistill.own_package  # noqa: F401  (first: refuses a shadowed package)
 from easydistill.cli import config_parser, load_and_check, run
 from easydistill.errors import UserError
 from easydistill.memory_measure import measure

@@ -25,6 +25,7 @@ from easydistill.model_files import (
 )
 from easydistill.run_folder import RUN_CONFIG as RUN_MARKER  # noqa: F401  (older name)
 from easydistill.run_folder import output_dir_problems
+from easydistill.store.answer_files import check_existing_answers, writes_answers
 
 
 @dataclass
@@ -33,6 +34,7 @@ class PreflightReport:
     lora_targets: list[str] = field(default_factory=list)
     linear_modules: list[str] = field(default_factory=list)
     vocab: dict[str, int] = field(default_factory=dict)  # folder name -> embedding rows
+    template_preview: list[str] = field(default_factory=list)  # dataset.template on the first record
 
 
 def _model_folder(path: str, where: str, problems: list[str], *, weights: bool = True) -> bool:
@@ -132,9 +134,14 @@ def _check_lora(cfg: Config, problems: list[str], report: PreflightReport):
         problems.extend(f"$.lora.init_from: {p}" for p in adapter_folder_problems(lora.init_from))
 
 
-def _check_data(cfg: Config, problems: list[str], computing_stores: bool = False):
-    from easydistill.data import validate_data_file
+def _check_data(cfg: Config, problems: list[str], report: PreflightReport, computing_stores: bool = False):
+    from easydistill.data.records import load_prompts, load_records, with_system_prompt
+    from easydistill.data.template_check import check_template
 
+    template = cfg.dataset.template
+    if template and not Path(template).is_file():
+        problems.append(f"$.dataset.template: no such file {template!r}")
+        template = None
     answering = cfg.job_type in ("kd_white_box", "kd_black_box_local") and bool(cfg.dataset.instruction_path)
     for key in ("labeled_path", "eval_path", "instruction_path"):
         path = getattr(cfg.dataset, key)
@@ -143,15 +150,22 @@ def _check_data(cfg: Config, problems: list[str], computing_stores: bool = False
         if not Path(path).is_file():
             if key == "labeled_path" and answering:
                 continue  # the teacher writes it from instruction_path before training
-            problems.append(f"$.dataset.{key}: no such file {path!r}")
+            api = " (kd_black_box_api trains on existing answers: easydistill calls no API)"
+            problems.append(
+                f"$.dataset.{key}: no such file {path!r}" + (api if cfg.job_type.endswith("api") else "")
+            )
             continue
         try:
-            validate_data_file(path, prompts=key == "instruction_path")
+            if key == "instruction_path":  # as the teacher will answer them
+                system = cfg.inference.system_prompt if writes_answers(cfg) else None
+                records = with_system_prompt(load_prompts(path), system)
+            else:
+                records = load_records(path)
+            if template:  # on the real records now, rather than after the teacher has answered them
+                preview = check_template(records, template, path)
+                report.template_preview = report.template_preview or preview
         except UserError as exc:
             problems.append(f"$.dataset.{key}: {exc}")
-    template = cfg.dataset.template
-    if template and not Path(template).is_file():
-        problems.append(f"$.dataset.template: no such file {template!r}")
     _check_logits(cfg, problems, computing_stores)
 
 
@@ -192,6 +206,7 @@ def _check_logits(cfg: Config, problems: list[str], computing_stores: bool):
             "an unfinished store (kd.infer resumes it)"
             if partial_path(store).exists()
             else "no stored teacher logits"
+            + (f" (no v1 logits file {str(given)!r} either)" if store != given else "")
         )
         if trains_from_files and not computing_stores:
             problems.append(
@@ -199,11 +214,26 @@ def _check_logits(cfg: Config, problems: list[str], computing_stores: bool):
                 f"kd_white_box, or {COMPUTE_HINT})"
             )
         elif (cfg.job_type == "kd_white_box" or computing_stores) and not (
-            teacher.path and Path(teacher.path).is_dir()
+            teacher.path and (Path(teacher.path) / "config.json").is_file()
         ):
+            folder = f"{teacher.path!r} is not a model folder" if teacher.path else "no teacher model folder"
             problems.append(
-                f"{where}: {state} at {str(store)!r}, and no teacher model folder to compute them from "
-                "(models.teacher)"
+                f"{where}: {state} at {str(store)!r}, and {folder} to compute them from (models.teacher)"
+            )
+
+
+def _check_positions(cfg: Config, folders: dict[str, str], problems: list[str]):
+    """The sequence limit must fit every model that reads whole sequences (learned position tables end there)."""
+    for path in dict.fromkeys(folders.values()):
+        config = model_config(path)
+        positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
+            "max_position_embeddings"
+        )
+        if isinstance(positions, int) and cfg.max_length > positions:
+            problems.append(
+                f"$.distillation.max_seq_length: {cfg.max_length} tokens exceed the {positions} positions of "
+                f"{path!r} (max_position_embeddings in its config.json); lower distillation.max_seq_length "
+                "(or training.max_length, which sets it in v1 files)"
             )
 
 
@@ -231,7 +261,9 @@ def preflight(
         _compare_tokenizers(cfg, folders, problems, report)
         if cfg.lora.enable:
             _check_lora(cfg, problems, report)
-    _check_data(cfg, problems, computing_stores)
+    _check_data(cfg, problems, report, computing_stores)
+    check_existing_answers(cfg, problems, report.notes)
+    _check_positions(cfg, folders, problems)
     if check_output_dir:
         problems += output_dir_problems(cfg)
     if problems:

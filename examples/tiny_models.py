@@ -21,7 +21,7 @@ from examples import synthetic
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 PAD_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_end|>"
-MAX_POSITIONS = 256
+MAX_POSITIONS = 1024  # v1 files carry max_length 512; position tables of RoPE models hold no weights
 # Qwen2's pre-tokenizer split: digits one at a time, letters grouped, punctuation apart.
 QWEN2_SPLIT = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""

@@ -283,7 +283,16 @@ BAD = [
         "no stored teacher logits",
     ),
     ("max-length-conflict", [("training.max_length", 64)], "the sequence limit is set to different values"),
-    ("api-job", [("job_type", "kd_black_box_api")], "$.job_type: kd_black_box_api"),
+    (
+        "api-job-prompts-only",
+        [
+            ("job_type", "kd_black_box_api"),
+            ("dataset.instruction_path", "prompts.json"),
+            ("dataset.labeled_path", _DELETE),
+        ],
+        '$.job_type: kd_black_box_api asks a remote API to answer dataset.instruction_path, which easydistill does not do. To have a local model answer, set job_type to "kd_black_box_local"',
+    ),
+    ("mmkd-job", [("job_type", "mmkd_white_box")], "multimodal distillation is not supported"),
     (
         "logger-not-installed",
         [("training.report_to", ["wandb"])],

@@ -164,11 +164,11 @@ def test_v1_template_rejects_multi_turn_and_unused_system(tmp_path, tok):
         render_and_tokenize(rec, tok, template_path=bare, max_length=64)
 
 
-def test_template_whose_prompt_is_not_a_prefix_is_an_error(tmp_path, tok):
+def test_template_that_never_renders_the_output_is_an_error(tmp_path, tok):
     bad = tmp_path / "bad.jinja"
     bad.write_text("{% if add_generation_prompt %}Q: {% endif %}{{ message['content'] }}")
     (rec,) = load_records(write(tmp_path, "d.jsonl", [{"instruction": "a", "output": "b"}]))
-    with pytest.raises(UserError, match="prefix"):
+    with pytest.raises(UserError, match="never renders message\\['output'\\]"):
         render_and_tokenize(rec, tok, template_path=bad, max_length=64)
 
 

@@ -24,6 +24,7 @@ COMMANDS = (
     "easydistill.merge",
     "easydistill.eval",
     "easydistill.plan",
+    "easydistill.__main__",
 )
 COMMANDS += ("easydistill.cli",)
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}

@@ -174,4 +174,6 @@ def test_v1_multi_teacher_shape_runs(tiny_pair, data, tmp_path, capsys):
     log = json.loads((tmp_path / "out/trainer_state.json").read_text())["log_history"]
     names = [k for k in log[0] if k.startswith("kd_loss/")]
     assert len(names) == 2 and all(log[0][k] > 0 for k in names)
+    # v1 summed its teachers' KD losses, and a v1 list keeps that meaning (each would weigh 1/2 otherwise).
+    assert log[0]["kd_loss"] == pytest.approx(sum(log[0][k] for k in names), abs=3e-6)
     assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)

@@ -148,7 +148,7 @@ def test_lora_gradients_are_finite_and_nonzero_with_checkpointing(tiny_pair, dat
     assert max_abs_diff(grads[False], grads[True]) < 1e-6
 
 
-def test_resume_equals_straight_run(tiny_pair, data, tmp_path):
+def test_resume_equals_straight_run(tiny_pair, data, tmp_path, capsys):
     common = {"lr_scheduler_type": "constant", "save_strategy": "steps", "save_steps": 2}
     straight = kd_config(
         tiny_pair, data, tmp_path / "straight", training={"max_steps": 4, **common}, lora={"dropout": 0.1}
@@ -165,7 +165,9 @@ def test_resume_equals_straight_run(tiny_pair, data, tmp_path):
         lora={"dropout": 0.1},
         training={"max_steps": 4, "resume_from_checkpoint": str(tmp_path / "resumed/checkpoint-2"), **common},
     )
+    capsys.readouterr()
     train(second)
+    assert f"resume: from {tmp_path / 'resumed/checkpoint-2'} (step 2 of 4)" in capsys.readouterr().out
     a = load_adapter_weights(tmp_path / "straight")
     b = load_adapter_weights(tmp_path / "resumed")
     assert max_abs_diff(a, b) < 1e-6

@@ -24,6 +24,7 @@ from easydistill.config.training_keys import (
     check_value_type,
     training_argument_types,
 )
+from easydistill.config.v1_compat import unsupported_job, v1_rules
 from easydistill.config.view import Config, same_folder, teacher_entries
 from easydistill.errors import ConfigError
 
@@ -98,6 +99,7 @@ def schema_problems(raw: dict[str, Any]) -> list[str]:
 
 # Loggers `training.report_to` may name, and the package each one needs.
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+EXTRAS = {"tensorboard"}  # loggers pyproject.toml offers as an extra
 
 
 def _missing_loggers(report_to: Any) -> list[str]:
@@ -136,7 +138,8 @@ def _normalise_training(training: dict[str, Any], notes: list[str]) -> tuple[dic
             continue
         if key == "report_to" and _missing_loggers(value):
             missing = ", ".join(_missing_loggers(value))
-            problems.append(f"{where}: {missing} is not installed here (pip install {missing}), or drop it")
+            extra = f'pip install "easydistill[{missing}]"' if missing in EXTRAS else f"pip install {missing}"
+            problems.append(f"{where}: {missing} is not installed here ({extra}), or drop it")
             continue
         complaint = check_value_type(fields[key], value)
         if complaint:
@@ -197,11 +200,7 @@ def cross_field_problems(
     logits = dataset.get("logits_path")
     entries = teacher_entries(data)
 
-    if job == "kd_black_box_api":
-        problems.append(
-            "$.job_type: kd_black_box_api asks a remote API for answers, which easydistill does not do; "
-            "write the answers into dataset.labeled_path and use kd_black_box_train_only"
-        )
+    problems += v1_rules(data, raw or data, warnings)
     if job.startswith("kd_white_box") and not entries:
         problems.append('$.models.teacher: a white-box job needs a teacher (a folder, "self", or a list)')
     if (
@@ -257,17 +256,12 @@ def cross_field_problems(
     has_data = dataset.get("labeled_path") or (
         job in ("kd_white_box", "kd_black_box_local") and dataset.get("instruction_path")
     )
-    if not has_data:
+    if not has_data and job != "kd_black_box_api":  # api_job_rules says what to change
         problems.append(
             "$.dataset.labeled_path: required (the training records); or give instruction_path "
             "with kd_white_box / kd_black_box_local so that the teacher writes the answers"
         )
-    if (
-        job.startswith("kd_black_box")
-        and teacher is None
-        and job != "kd_black_box_train_only"
-        and not dataset.get("labeled_path")
-    ):
+    if job == "kd_black_box_local" and teacher is None and not dataset.get("labeled_path"):
         problems.append(f"$.models.teacher: {job} needs a teacher to write the answers")
     on_policy = distill["lmbda"] > 0 or bool(distill.get("lmbda_schedule")) or distill["seq_kd"]
     raw_inference = (raw or data).get("inference", {})
@@ -301,6 +295,9 @@ def load_config(source: str | Path | dict[str, Any]) -> Config:
         raise ConfigError(problems, where)
     raw = copy.deepcopy(raw)
     problems = schema_problems(raw)
+    job_problem = unsupported_job(raw.get("job_type"))
+    if job_problem:  # instead of the schema's did-you-mean towards a KD job that does something else
+        problems = [job_problem, *(p for p in problems if not p.startswith("$.job_type:"))]
     notes: list[str] = []
     if isinstance(raw.get("training"), dict):
         training, training_problems = _normalise_training(raw["training"], notes)

@@ -241,6 +241,18 @@ def load_prompts(path) -> list[dict]:
     return _load(path, prompts=True)
 
 
+def with_system_prompt(prompts: list[dict], system: str | None) -> list[dict]:
+    """Prompts as the teacher answers them: `inference.system_prompt` first where a prompt has no system turn."""
+    if not system:
+        return prompts
+    return [
+        p
+        if p["messages"][0]["role"] == "system"
+        else {**p, "messages": [{"role": "system", "content": system}, *p["messages"]]}
+        for p in prompts
+    ]
+
+
 def validate_data_file(path, *, prompts: bool = False) -> int:
     """Parse and check every record of `path` without a tokenizer; return the record count."""
     return len(_load(path, prompts=prompts))

@@ -53,11 +53,14 @@ def _v1_message(record: dict, template_path: str) -> dict:
     return message
 
 
-def _render_v1(record: dict, template_path, with_output: bool) -> str:
+def render_template(record: dict, template_path, with_output: bool, output: str | None = None) -> str:
+    """Render one record; `output` replaces the record's response (the placeholder that locates it)."""
     import jinja2
 
     template, uses_system = _load_template(str(template_path))
     message = _v1_message(record, str(template_path))
+    if output is not None:
+        message["output"] = output
     if "system" in message and not uses_system:
         raise UserError(
             f"{record['source']}: record has a system prompt but template {template_path} never reads "
@@ -67,6 +70,29 @@ def _render_v1(record: dict, template_path, with_output: bool) -> str:
         return template.render(message=message, add_generation_prompt=not with_output, add_output=with_output)
     except jinja2.TemplateError as e:
         raise UserError(f"{template_path}: cannot render {record['source']}: {e}") from None
+
+
+# Stands for the response while a template is rendered, so that the response's place is found exactly.
+PLACEHOLDER = "\x00EASYDISTILL_RESPONSE\x00"
+
+
+def response_layout(record: dict, template_path) -> tuple[str, str]:
+    """(text before the response, text after it) in the template's full rendering.
+
+    EasyDistill v1's own templates render the generation prompt differently from the start of the full text
+    (whitespace control, a newline after the role), so the response is located by rendering the full text
+    around a placeholder instead of assuming that the generation prompt is a prefix.
+    """
+    laid_out = render_template(record, template_path, with_output=True, output=PLACEHOLDER)
+    count = laid_out.count(PLACEHOLDER)
+    if count != 1:
+        what = "never renders" if count == 0 else f"renders {count} times"
+        raise UserError(
+            f"{record['source']}: template {template_path} {what} message['output'] when add_output is true, "
+            "so the response cannot be located; render it exactly once in the add_output branch"
+        )
+    before, after = laid_out.split(PLACEHOLDER)
+    return before, after
 
 
 def _render_chat(tokenizer, messages: list[dict], source: str, generation_prompt: bool) -> str:
@@ -92,13 +118,16 @@ def _not_prefix(source: str, which: str) -> UserError:
 
 
 def render_prompt(record: dict, tokenizer=None, *, template_path=None) -> str:
-    """The prompt text a model continues from (generation prompt on), without any response."""
+    """The prompt text a model continues from, without any response.
+
+    With a v1 template: the full rendering's text before the response, the context training uses (which
+    v1's own templates render differently from their generation prompt)."""
     messages = list(record["messages"])
     while messages and messages[-1]["role"] == "assistant":
         messages.pop()
     prompt_record = {**record, "messages": messages}
     if template_path is not None:
-        return _render_v1(prompt_record, template_path, with_output=False)
+        return response_layout(prompt_record, template_path)[0]
     return _render_chat(tokenizer, messages, record["source"], generation_prompt=True)
 
 
@@ -106,11 +135,14 @@ def render_segments(record: dict, tokenizer=None, *, template_path=None) -> tupl
     """Full text and the character spans [start, end) of every response in it."""
     source = record["source"]
     if template_path is not None:
-        prompt = _render_v1(record, template_path, with_output=False)
-        full = _render_v1(record, template_path, with_output=True)
-        if not full.startswith(prompt):
-            raise _not_prefix(source, f"template {template_path}")
-        return full, [(len(prompt), len(full))]
+        before, after = response_layout(record, template_path)
+        full = render_template(record, template_path, with_output=True)
+        if not (full.startswith(before) and full.endswith(after) and len(full) >= len(before) + len(after)):
+            raise UserError(
+                f"{source}: template {template_path} renders the text around message['output'] differently "
+                "depending on the response, so the response cannot be located"
+            )
+        return full, [(len(before), len(full))]
     messages = record["messages"]
     full = _render_chat(tokenizer, messages, source, generation_prompt=False)
     segments = []

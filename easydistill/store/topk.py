@@ -33,6 +33,7 @@ META = "meta.json"  # in the partial folder: what the store is being computed fo
 DEFAULT_SHARD_BYTES = 256 << 20
 # Ends every preflight problem about a store that kd.infer would compute (kd.infer itself ignores them).
 COMPUTE_HINT = "compute them with python -m easydistill.kd.infer"
+FILE_SUFFIXES = (".json", ".jsonl")  # a logits_path so named is a file (v1's), never the store folder itself
 
 
 def id_bytes_for(vocab_width: int) -> int:
@@ -84,13 +85,17 @@ def is_complete(store) -> bool:
 def store_location(cfg, spec) -> tuple[Path, Path | None]:
     """(store folder, EasyDistill v1 JSONL file to convert into it, or None) of a cached teacher.
 
-    logits_format "auto": an existing file is a v1 JSONL, converted into `<file>.store/`; anything else is
-    a store folder. "easydistill_v1" always reads logits_path as a v1 file; "store" never does.
+    logits_format "auto": an existing file is a v1 JSONL, converted into `<file>.store/`; a path that names a
+    file (v1's `logits.json`, `*.jsonl`) but does not exist yet gets its store at `<path>.store/` too, so that
+    the name keeps meaning a file; anything else is a store folder. "easydistill_v1" always reads logits_path as
+    a v1 file; "store" always as the store folder.
     """
     path = Path(spec.logits_path)
     fmt = cfg.dataset.logits_format or "auto"
     if fmt == "easydistill_v1" or (fmt == "auto" and path.is_file()):
         return path.with_name(path.name + ".store"), path
+    if fmt == "auto" and not path.is_dir() and path.suffix.lower() in FILE_SUFFIXES:
+        return path.with_name(path.name + ".store"), None
     return path, None
 
 

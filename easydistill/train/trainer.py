@@ -130,10 +130,10 @@ class KDTrainer(CrashSafeCheckpoints, FiniteSteps, Trainer):
             n = max(sums["label_tokens"], 1.0)
             logs["ce_loss"] = round(sums["ce"] / n, 6)
             if self.teachers:
-                logs["kd_loss"] = round(sums["kd"] / n, 6)
+                logs["kd_loss"] = divergence_for_log(sums["kd"] / n)
                 if len(self.teachers) > 1:
                     for teacher, value in zip(self.teachers, per_teacher):
-                        logs[f"kd_loss/{teacher.spec.name}"] = round(value / n, 6)
+                        logs[f"kd_loss/{teacher.spec.name}"] = divergence_for_log(value / n)
             now = time.perf_counter()
             elapsed = max(now - self._log_clock, 1e-9)
             logs["tokens_per_second"] = round(sums["input_tokens"] / elapsed, 1)
@@ -155,6 +155,13 @@ def _hub_token_to_environment(token) -> None:
 
     if token and token != REDACTED:
         os.environ["HF_TOKEN"] = token
+
+
+def divergence_for_log(value: float) -> float:
+    """A divergence is never negative; float error leaves a true 0 a hair below it (logged as -0): clamp that.
+    A clearly negative value stays visible, as the bug it would be."""
+    rounded = round(value, 6)
+    return 0.0 if -1e-4 < rounded <= 0.0 else rounded
 
 
 def training_arguments(cfg):
