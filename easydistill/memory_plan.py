@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from easydistill.config.chunk_size import AUTO, auto_chunk_size
+
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
 
@@ -240,7 +242,19 @@ def loss_path(cfg) -> str:
     train.step.kd_step, which computes logits at the label positions only (chunk_size 0) or a chunk at a time
     (chunk_size > 0). tests/test_plan.py measures a real step, so a change of the loop that this accounting
     misses fails there."""
-    return "fused" if (cfg.distillation.chunk_size or 0) > 0 else "label_rows"
+    return "label_rows" if cfg.distillation.chunk_size == 0 else "fused"
+
+
+def chunk_size(cfg, student: Arch) -> int:
+    """distillation.chunk_size, "auto" resolved as the trainer resolves it (train/step.choose_loss_path)."""
+    setting = cfg.distillation.chunk_size
+    if setting != AUTO:
+        return setting
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_teachers = sum(1 for t in cfg.teachers if t.kind != "cached")
+    return auto_chunk_size(student.vocab, student.hidden, device, model_teachers)
 
 
 def make_plan(cfg, archs: dict[str, Arch] | None = None) -> Plan:
@@ -322,7 +336,7 @@ def make_plan(cfg, archs: dict[str, Arch] | None = None) -> Plan:
         student.vocab,
         b_s,
         teacher_logits,
-        cfg.distillation.chunk_size or 0,
+        chunk_size(cfg, student),
         head_grad=student.vocab * student.hidden * 4 if head_trains else 0,
     )
     terms += peak_terms

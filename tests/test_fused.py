@@ -347,10 +347,15 @@ def test_chunk_size_is_a_checked_config_key(tmp_path):
         "models": {"teacher": "t", "student": "s"},
         "training": {"output_dir": str(tmp_path / "out")},
     }
-    assert load_config(raw).distillation.chunk_size == 0
+    assert load_config(raw).distillation.chunk_size == "auto"
+    assert load_config({**raw, "distillation": {"chunk_size": 0}}).distillation.chunk_size == 0
     assert load_config({**raw, "distillation": {"chunk_size": 64}}).distillation.chunk_size == 64
     with pytest.raises(ConfigError, match=r"\$\.distillation\.chunk_size"):
         load_config({**raw, "distillation": {"chunk_size": -1}})
+    with pytest.raises(
+        ConfigError, match=r"\$\.distillation\.chunk_size: 'fast' is not \"auto\" or an integer"
+    ):
+        load_config({**raw, "distillation": {"chunk_size": "fast"}})
 
 
 def test_training_with_chunks_equals_training_without(tiny_pair, tmp_path):

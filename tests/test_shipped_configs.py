@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from kd_helpers import train, write_records
+from kd_helpers import prepare, train, write_records
 
 from examples.tiny_models import point_config_at
 
 REPO = Path(__file__).resolve().parents[1]
+ALL_CONFIGS = sorted((REPO / "configs").glob("*.json"))
 # The quickstart config names the folders the quickstart builds; tests/test_quickstart.py runs it.
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.json") if p.name != "quickstart.json")
+CONFIGS = [p for p in ALL_CONFIGS if p.name != "quickstart.json"]
 
 
 def on_tiny_models(raw: dict, tiny_pair, data: Path, out: Path) -> dict:
@@ -50,3 +51,12 @@ def test_shipped_config_runs(path, tiny_pair, tmp_path):
     assert [e["label"] for e in report["evaluations"]] == ["before training", "after training"]
     assert all(0.0 <= e["exact_match"] <= 1.0 for e in report["evaluations"])
     assert metrics["heldout_exact_match"] == report["evaluations"][-1]["exact_match"]
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_config_takes_the_fused_path(path, tiny_pair, tmp_path, capsys):
+    """The run's start line names the loss path: every shipped config, as a user copies it, is fused."""
+    data = write_records(tmp_path / "train.jsonl", n=8)
+    prepare(on_tiny_models(json.loads(path.read_text()), tiny_pair, data, tmp_path / "out"))
+    starts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("loss: ")]
+    assert len(starts) == 1 and starts[0].startswith("loss: fused chunked path"), starts

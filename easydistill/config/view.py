@@ -35,7 +35,9 @@ class KDLoss:
     skew_alpha: float  # the skew KLs' mixture weight
     combine: str  # how several teachers combine: loss.combine.COMBINES
     temperature: float  # the student's softmax temperature (teachers default to it)
-    chunk_size: int  # 0: the plain path; > 0: the fused chunked path, that many label positions at a time
+    # 0: the plain path; > 0: the fused chunked path, that many label positions at a time; "auto": resolved by the
+    # trainer once the student and the device are known (train.step.choose_loss_path)
+    chunk_size: int | str
 
     @classmethod
     def from_distillation(cls, d: dict[str, Any], distils: bool) -> KDLoss:
@@ -47,7 +49,7 @@ class KDLoss:
             skew_alpha=float(d["skew_alpha"]),
             combine=d["combine"],
             temperature=float(d["temperature"]),
-            chunk_size=int(d.get("chunk_size") or 0),
+            chunk_size=d["chunk_size"] if d.get("chunk_size") == "auto" else int(d.get("chunk_size") or 0),
         )
 
 

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from easydistill.config.chunk_size import AUTO, auto_chunk_size
 from easydistill.loss.chunked import RowSource, fused_head_loss
 from easydistill.loss.combine import combined_divergence
 from easydistill.loss.rows import DenseRows
-from easydistill.models import head_unsupported, hidden_at_labels, logits_at_labels, unwrap
+from easydistill.models import base_model, head_unsupported, hidden_at_labels, logits_at_labels, unwrap
+from easydistill.train.timing import StepClock, timed
 
 IGNORE_INDEX = -100
 
@@ -45,38 +47,83 @@ class StepSums:
 
 
 def kd_step(
-    model: torch.nn.Module, inputs: dict[str, Tensor], teachers: Sequence, loss, *, return_outputs=False
+    model: torch.nn.Module,
+    inputs: dict[str, Tensor],
+    teachers: Sequence,
+    loss,
+    *,
+    return_outputs=False,
+    clock: StepClock | None = None,
 ):
-    """CE and KD sums of one micro-batch under `loss` (config.KDLoss) -> StepSums.
+    """CE and KD sums of one micro-batch under `loss` (config.KDLoss, chunk_size resolved) -> StepSums.
 
     return_outputs: the full-logit forward, for callers that need the model outputs (Trainer's evaluation).
+    clock: the seconds of the student's forward, the teachers' forwards and the loss are added to it.
     Models whose head is not a plain projection (`head_unsupported`) take the plain path.
     """
     mask, targets = label_positions(inputs["labels"])  # (B, T-1), (N,)
     scoring = list(teachers) if loss.kd_ratio > 0 else []
     weights, temperatures = [t.spec.weight for t in teachers], [t.spec.temperature for t in teachers]
     if loss.chunk_size > 0 and not return_outputs and _fused_supported(model):
-        hidden = hidden_at_labels(model, inputs, mask)  # (N, H_s): the student's rows, before its head
+        with timed(clock, "student_forward"):
+            hidden = hidden_at_labels(model, inputs, mask)  # (N, H_s): the student's rows, before its head
         head = unwrap(model).get_output_embeddings()
-        sources = [_row_source(t, inputs, mask, head) for t in scoring]  # each teacher's, a chunk at a time
-        sums = fused_head_loss(hidden, head, targets, sources, weights, temperatures, loss)
+        with timed(clock, "teacher_forward"):
+            sources = [
+                _row_source(t, inputs, mask, head) for t in scoring
+            ]  # each teacher's, a chunk at a time
+        with timed(clock, "loss"):  # the teachers' head projections happen here too, a chunk at a time
+            sums = fused_head_loss(hidden, head, targets, sources, weights, temperatures, loss)
         own = sums.own_sums if scoring else [sums.ce_sum.new_zeros(()) for _ in teachers]
         return StepSums(sums.objective, sums.ce_sum, sums.kd_sum, own, targets.numel())
 
     outputs = None
-    if return_outputs:
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        student = outputs.logits[:, :-1][mask]  # (N, V_s)
-    else:
-        student = logits_at_labels(model, inputs, mask)  # (N, V_s)
-    rows = [_rows(t, inputs, mask, full=return_outputs) for t in scoring]  # each DenseRows or SparseRows
-    ce_sum = F.cross_entropy(student.float(), targets, reduction="sum")
-    kd_sum, own = ce_sum.new_zeros(()), [ce_sum.new_zeros(()) for _ in teachers]
-    if scoring:
-        kd_sum, own = combined_divergence(student, rows, weights, temperatures, targets, loss)
+    with timed(clock, "student_forward"):
+        if return_outputs:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            student = outputs.logits[:, :-1][mask]  # (N, V_s)
+        else:
+            student = logits_at_labels(model, inputs, mask)  # (N, V_s)
+    with timed(clock, "teacher_forward"):
+        rows = [_rows(t, inputs, mask, full=return_outputs) for t in scoring]  # each DenseRows or SparseRows
+    with timed(clock, "loss"):
+        ce_sum = F.cross_entropy(student.float(), targets, reduction="sum")
+        kd_sum, own = ce_sum.new_zeros(()), [ce_sum.new_zeros(()) for _ in teachers]
+        if scoring:
+            kd_sum, own = combined_divergence(student, rows, weights, temperatures, targets, loss)
     objective = (1.0 - loss.kd_ratio) * ce_sum + loss.kd_ratio * kd_sum
     return StepSums(
         objective, ce_sum.detach(), kd_sum.detach(), [o.detach() for o in own], targets.numel(), outputs
+    )
+
+
+def choose_loss_path(setting, model, teachers=(), device="cpu", *, device_memory=None, sharded=None):
+    """(chunk_size for `kd_step`, the run's start line: which path it takes and why).
+
+    setting: distillation.chunk_size (an int, or "auto": `auto_chunk_size` of the student's head on
+    `device`). The plain path when it is 0, when the student's logits are not head(hidden) (`head_unsupported`),
+    or when an engine shards the head weight (`sharded` names it), which the fused loop reads whole."""
+    if setting == 0:
+        return 0, "loss: plain path (distillation.chunk_size is 0): logits at the label positions only"
+    reason = head_unsupported(model) or (
+        sharded and f"{sharded} shards the head weight, read whole per chunk"
+    )
+    if reason:
+        return (
+            0,
+            f"loss: plain path, not the fused one ({reason}); distillation.chunk_size {setting!r} is unused",
+        )
+    if setting != AUTO:
+        return int(setting), f"loss: fused chunked path, chunk_size {setting} (distillation.chunk_size)"
+    config = base_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab, hidden = config.vocab_size, config.hidden_size
+    kind = torch.device(device).type
+    projected = sum(1 for t in teachers if t.projects)
+    chunk = auto_chunk_size(vocab, hidden, kind, projected, device_memory)
+    return (
+        chunk,
+        f"loss: fused chunked path, chunk_size {chunk} (auto: vocabulary {vocab:,}, hidden {hidden:,}, {kind})",
     )
 
 

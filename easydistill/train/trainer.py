@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from easydistill.train.checkpoints import CrashSafeCheckpoints
 from easydistill.train.finite import FiniteSteps
 from easydistill.train.on_policy import is_on_policy, on_policy_settings, sample_completions, student_generate
-from easydistill.train.step import kd_step
+from easydistill.train.step import choose_loss_path, kd_step
+from easydistill.train.timing import PARTS, StepClock
 
 # What KDTrainer sums between two logs (order of its running-sums vector).
 SUMS = (
@@ -26,7 +27,6 @@ SUMS = (
     "micro_batches",
     "on_policy",
     "generated_tokens",
-    "generation_seconds",
     "kd",
 )
 
@@ -48,48 +48,75 @@ class KDTrainer(CrashSafeCheckpoints, FiniteSteps, Trainer):
         self.teachers = list(teachers)
         # config.KDLoss, built once from the config (cfg.loss); nothing to distil from without a teacher
         self.loss = loss if self.teachers else replace(loss, kd_ratio=0.0)
+        # chunk_size "auto" becomes a number here; loss_path_line says which path the run takes and why.
+        chunk_size, self.loss_path_line = choose_loss_path(
+            self.loss.chunk_size,
+            self.model,
+            self.teachers,
+            self.args.device,
+            device_memory=_device_memory(self.args.device),
+            sharded=self._head_sharding(),
+        )
+        self.loss = replace(self.loss, chunk_size=chunk_size)
         # Trainer counts the valid tokens of every optimizer step (all micro-batches, gathered over ranks)
         # only for models that take loss kwargs; our loss always uses that count.
         self.model_accepts_loss_kwargs = True
         self.on_policy = on_policy  # OnPolicySettings or None
         self._micro = (-1, 0)  # (global step, micro-batch index within it)
         self._lmbda = 0.0
-        self._source, self._sampling_seconds = None, 0.0  # who sampled the current micro-batch, and how long
+        self._source = None  # who sampled the current micro-batch
         # Running sums between two logs, see SUMS; then the kd of each teacher.
         self._sums = torch.zeros(len(SUMS) + len(self.teachers), dtype=torch.float64, device=self.args.device)
-        self._log_clock = time.perf_counter()
+        self.clock = StepClock(self.args.device)  # seconds per part of the steps since the last log
+        self._log_clock, self._log_step = time.perf_counter(), 0
+        self.add_callback(_StartClock(self))
+
+    def _head_sharding(self) -> str | None:
+        """The engine that shards the student's head weight, if one does."""
+        if self.is_fsdp_enabled:
+            return "FSDP"
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        return "DeepSpeed ZeRO-3" if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled() else None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Which batch: on-policy micro-batches swap the data's for completions sampled for its prompts."""
-        self._source, self._sampling_seconds = None, 0.0
+        start, timed = self.clock.now(), sum(self.clock.seconds.values())
+        self._source = None
         if self.on_policy is not None:
-            inputs, self._source, self._sampling_seconds = self._sampled_batch(
-                model, self._prepare_inputs(inputs)
-            )
-        return super().training_step(model, inputs, num_items_in_batch)
+            inputs, self._source = self._sampled_batch(model, self._prepare_inputs(inputs))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # What neither sampling nor compute_loss timed is the backward (and the few lines of Trainer around it).
+        untimed = self.clock.now() - start - (sum(self.clock.seconds.values()) - timed)
+        self.clock.seconds["student_backward"] += untimed
+        return loss
 
-    def _sampled_batch(self, model, inputs) -> tuple[dict, str | None, float]:
-        """(batch to train on, which policy sampled it or None, seconds spent sampling)."""
+    def _sampled_batch(self, model, inputs) -> tuple[dict, str | None]:
+        """(batch to train on, which policy sampled it or None)."""
         step = self.state.global_step
         self._micro = (step, self._micro[1] + 1) if self._micro[0] == step else (step, 0)
         settings = self.on_policy
         self._lmbda = settings.schedule.value(step, self.state.max_steps)
         student_turn = is_on_policy(self._lmbda, self.args.seed, step, self._micro[1])
         if not (student_turn or settings.seq_kd):
-            return inputs, None, 0.0
-        start = time.perf_counter()
+            return inputs, None
         if student_turn:
             generate, source = student_generate(self.accelerator.unwrap_model(model)), "student"
         else:
             generate, source = max(self.teachers, key=lambda t: t.spec.weight).generate, "teacher"
-        batch = sample_completions(generate, inputs, **settings.sampling)
-        return batch, source, time.perf_counter() - start
+        with self.clock.part("generation"):
+            batch = sample_completions(generate, inputs, **settings.sampling)
+        return batch, source
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         source = self._source if model.training else None
         # The student's own samples are scored by divergence alone (GKD); CE on them would teach nothing.
         loss_spec = replace(self.loss, kd_ratio=1.0) if source == "student" else self.loss
-        sums = kd_step(model, inputs, self.teachers, loss_spec, return_outputs=return_outputs)
+        # Trainer's evaluation asks for outputs but keeps the logits only for compute_metrics: without it the
+        # evaluation loss takes the training step's path too ({} below: no logits for prediction_step to keep).
+        full_logits = return_outputs and self.compute_metrics is not None
+        clock = self.clock if model.training else None
+        sums = kd_step(model, inputs, self.teachers, loss_spec, return_outputs=full_logits, clock=clock)
         n_tokens = sums.n_tokens
         if source is not None:
             # Sampled lengths are unknown before sampling, so a generated micro-batch is its own token mean,
@@ -108,7 +135,7 @@ class KDTrainer(CrashSafeCheckpoints, FiniteSteps, Trainer):
                 loss = loss * self.accelerator.num_processes
         if model.training:
             self._add_sums(sums, inputs, source)
-        return (loss, sums.outputs) if return_outputs else loss
+        return (loss, sums.outputs if full_logits else {}) if return_outputs else loss
 
     def _add_sums(self, sums, inputs, source) -> None:
         counts = [
@@ -117,16 +144,23 @@ class KDTrainer(CrashSafeCheckpoints, FiniteSteps, Trainer):
             1,
             source == "student",
             sums.n_tokens if source else 0,
-            self._sampling_seconds,
         ]
         ce = sums.ce_sum.detach()
         step = [ce, *map(ce.new_tensor, map(float, counts)), sums.kd_sum.detach(), *sums.own_sums]
         self._sums += torch.stack([v.double() for v in step]).to(self._sums.device)
 
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        start = time.perf_counter()
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        # Evaluation and checkpoints are not training: the throughput clock skips them (log() resets the
+        # clock when it runs in between, so only what follows it is skipped).
+        self._log_clock += time.perf_counter() - max(start, self._log_clock)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log; every rank logs together, so the reduce below is safe
-            totals = self.accelerator.reduce(self._sums.clone(), reduction="sum").tolist()
-            sums, per_teacher = dict(zip(SUMS, totals)), totals[len(SUMS) :]
+            parts = self._sums.new_tensor(self.clock.take())
+            totals = self.accelerator.reduce(torch.cat([self._sums, parts]), reduction="sum").tolist()
+            sums, per_teacher = dict(zip(SUMS, totals)), totals[len(SUMS) : len(SUMS) + len(self.teachers)]
             n = max(sums["label_tokens"], 1.0)
             logs["ce_loss"] = round(sums["ce"] / n, 6)
             if self.teachers:
@@ -136,15 +170,38 @@ class KDTrainer(CrashSafeCheckpoints, FiniteSteps, Trainer):
                         logs[f"kd_loss/{teacher.spec.name}"] = divergence_for_log(value / n)
             now = time.perf_counter()
             elapsed = max(now - self._log_clock, 1e-9)
+            steps = max(self.state.global_step - self._log_step, 1)
+            # Seconds per optimizer step of each part, averaged over the processes (docs/performance.md).
+            ranks = self.accelerator.num_processes
+            split = {p: v / ranks / steps for p, v in zip(PARTS, totals[-len(PARTS) :])}
             logs["tokens_per_second"] = round(sums["input_tokens"] / elapsed, 1)
+            logs["step_seconds"] = round(elapsed / steps, 4)
+            for part, seconds in split.items():
+                if part != "generation" or self.on_policy is not None:
+                    logs[f"time/{part}"] = round(seconds, 4)
+            logs["time/other"] = round(max(elapsed / steps - sum(split.values()), 0.0), 4)
             if self.on_policy is not None:
                 logs["lmbda"] = round(self._lmbda, 6)
                 logs["on_policy_fraction"] = round(sums["on_policy"] / max(sums["micro_batches"], 1.0), 4)
                 logs["generated_tokens"] = sums["generated_tokens"]
-                logs["generation_time_share"] = round(sums["generation_seconds"] / elapsed, 4)
-            self._log_clock = now
+                logs["generation_time_share"] = round(split["generation"] * steps / elapsed, 4)
+            self._log_clock, self._log_step = now, self.state.global_step
             self._sums.zero_()
         super().log(logs, start_time)
+
+
+class _StartClock(TrainerCallback):
+    """Throughput counts from the first step (not from the setup before it), and from a resumed step on."""
+
+    def __init__(self, trainer: KDTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._log_clock, self.trainer._log_step = time.perf_counter(), state.global_step
+
+
+def _device_memory(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def _hub_token_to_environment(token) -> None:
@@ -249,6 +306,7 @@ def prepare_run(cfg) -> KDRun:
         on_policy=on_policy_settings(cfg, tokenizer, student),
         skip_nonfinite_steps=cfg.training.skip_nonfinite_steps or 0,
     )
+    print0(trainer.loss_path_line)
     return KDRun(cfg, trainer, tokenizer, train_examples, eval_examples, stats)
 
 
