@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all lint format bench docs clean
+.PHONY: demo test test-all lint format bench bench-e2e docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,15 @@ format: $(STAMP)
 docs: $(STAMP)  ## regenerate docs/config.md from the schema
 	$(PY) -m easydistill.config.docs --write docs/config.md
 
-bench: $(STAMP)
+bench: $(STAMP)  ## in-process step benchmark vs TRL, logits store, validate time (~15 min)
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.logits_store
+	$(PY) -m benchmarks.validate_time
+
+bench-e2e: $(STAMP)  ## whole processes: kd.train against TRL's GKDTrainer and SFTTrainer (~1 h on 2 cores)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m benchmarks.e2e
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache build *.egg-info

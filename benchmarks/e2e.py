@@ -53,9 +53,10 @@ SETTINGS = [
     ("TRL GKDTrainer", "online", TRL, "online"),
     ("easydistill self-teacher", "self", EASYDISTILL, "self"),
     ("easydistill, separate teacher copy", "self", EASYDISTILL, "copy"),
-    ("TRL GKDTrainer, teacher copy", "self", TRL, "copy"),
     ("TRL SFTTrainer", "self", [*TRL[:-1], "--sft", "--config"], "self"),
 ]
+# --trl-lora: TRL's GKDTrainer on the LoRA setting too (its teacher is a second copy of the base)
+TRL_LORA = ("TRL GKDTrainer, teacher copy", "self", TRL, "copy")
 
 
 def write_records(path: Path, n: int = 64, seed: int = 0) -> None:
@@ -155,48 +156,59 @@ def _logged(long: dict, wall_diff: float) -> dict:
     }
 
 
-def baseline_rss_mib() -> float:
-    """Peak RSS of a process that only imports what a run imports (interpreter, torch, transformers, peft,
-    trl): the floor under every row, so that what a setting adds can be read apart from it."""
-    code = "import easydistill.train.trainer, peft, trl.experimental.gkd"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
-    _, _, usage = os.wait4(proc.pid, 0)
-    return usage.ru_maxrss / 1024
+# What each tool's process imports before it reads a config: the floor under its peak RSS.
+IMPORTS = {
+    "easydistill": "import easydistill.kd.train, easydistill.train.trainer, peft",
+    "TRL": "import trl, trl.experimental.gkd, peft",
+}
 
 
-def run_vocab(vocab: int, repeats: int, root: Path) -> dict:
-    configs = build(root, vocab)
-    walls = {name: {SHORT: [], LONG: []} for name, *_ in SETTINGS}
-    last: dict[str, dict] = {}
-    for r in range(repeats):
-        order = SETTINGS[r % len(SETTINGS) :] + SETTINGS[: r % len(SETTINGS)]
-        for name, _, command, which in order:
-            for steps in (SHORT, LONG) if r % 2 == 0 else (LONG, SHORT):
-                result = run_process(command, configs[which], steps, root, f"v{vocab}-r{r}-{which}-{steps}")
-                walls[name][steps].append(result["wall_s"])
-                if steps == LONG:
-                    last[name] = result
-                print(
-                    f"  vocab {vocab} repeat {r} {name}, {steps} steps: {result['wall_s']:.1f} s", flush=True
-                )
+def import_floors_mib() -> dict[str, float]:
+    """Peak RSS of a process that only imports what a tool's run imports (interpreter, torch, transformers,
+    peft, the tool), so that what a setting itself adds can be read apart from it."""
+    floors = {}
+    for tool, code in IMPORTS.items():
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+        _, _, usage = os.wait4(proc.pid, 0)
+        floors[tool] = usage.ru_maxrss / 1024
+    return floors
+
+
+def run_repeat(state: dict, r: int, settings: list) -> None:
+    """Repeat r of one vocabulary: every setting's 3-step and 13-step runs back to back, in rotated order."""
+    vocab, root = state["vocab"], state["root"]
+    order = settings[r % len(settings) :] + settings[: r % len(settings)]
+    for name, _, command, which in order:
+        for steps in (SHORT, LONG) if r % 2 == 0 else (LONG, SHORT):
+            result = run_process(
+                command, state["configs"][which], steps, root, f"v{vocab}-r{r}-{which}-{steps}"
+            )
+            state["walls"].setdefault(name, {SHORT: [], LONG: []})[steps].append(result["wall_s"])
+            if steps == LONG:
+                state["last"][name] = result
+            print(f"  vocab {vocab} repeat {r} {name}, {steps} steps: {result['wall_s']:.1f} s", flush=True)
+
+
+def rows_of(state: dict, settings: list) -> dict:
     rows = []
-    for name, group, _, _ in SETTINGS:
-        per_step = [(b - a) / (LONG - SHORT) for a, b in zip(walls[name][SHORT], walls[name][LONG])]
-        long = last[name]
+    for name, group, _, _ in settings:
+        walls = state["walls"][name]
+        per_step = [(b - a) / (LONG - SHORT) for a, b in zip(walls[SHORT], walls[LONG])]
+        long = state["last"][name]
         rows.append(
             {
                 "setting": name,
                 "group": group,
                 "per_step_s": per_step,
                 "per_step_median_s": statistics.median(per_step),
-                "walls": walls[name],
+                "walls": walls,
                 "max_rss_mib": long["max_rss_mib"],
                 "loss_path": long["path"],
                 **_logged(long, statistics.median(per_step) * (LONG - SHORT)),
             }
         )
-    return {"vocab": vocab, "rows": rows, "baseline_rss_mib": baseline_rss_mib()}
+    return {"vocab": state["vocab"], "rows": rows}
 
 
 def targets(result: dict) -> list[dict]:
@@ -205,7 +217,7 @@ def targets(result: dict) -> list[dict]:
         row = {r["setting"]: r for r in run["rows"]}
         ed, trl = row["easydistill"], row["TRL GKDTrainer"]
         need = 2.0 if run["vocab"] < 100_000 else 3.0
-        base = run["baseline_rss_mib"]
+        base = result["import_floors_mib"]["easydistill"]
         speed = trl["per_step_median_s"] / ed["per_step_median_s"]
         self_, copy, sft = (
             row["easydistill self-teacher"],
@@ -238,7 +250,7 @@ def targets(result: dict) -> list[dict]:
                 "met": self_["max_rss_mib"] <= 0.6 * copy["max_rss_mib"],
             },
             {
-                "target": "the same, above the import baseline",
+                "target": "the same, above easydistill's import floor",
                 "vocab": run["vocab"],
                 "value": (self_["max_rss_mib"] - base) / (copy["max_rss_mib"] - base),
                 "met": self_["max_rss_mib"] - base <= 0.6 * (copy["max_rss_mib"] - base),
@@ -285,10 +297,8 @@ def markdown(result: dict) -> str:
                     + " |"
                 )
         lines.append("")
-        lines.append(
-            f"Import baseline (a process that only imports the libraries): {run['baseline_rss_mib']:.0f} MiB."
-        )
-        lines.append("")
+    floors = ", ".join(f"{tool} {mib:.0f} MiB" for tool, mib in result["import_floors_mib"].items())
+    lines += [f"Import floors (a process that only imports what the tool's run imports): {floors}.", ""]
     lines += ["| target | vocab | measured | met |", "| --- | ---: | ---: | --- |"]
     for t in result["targets"]:
         lines.append(
@@ -307,8 +317,17 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="vocabulary 32768 only, 1 repeat")
     parser.add_argument("--vocab", type=int, nargs="+", default=None, help="default 32768 151936")
     parser.add_argument("--repeats", type=int, default=None, help="default 2 (quick: 1)")
+    parser.add_argument("--trl-lora", action="store_true", help="TRL's GKDTrainer on the LoRA setting too")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, help="print the tables of a saved result file (no runs)")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        result.setdefault("import_floors_mib", import_floors_mib())
+        result["targets"] = targets(result)
+        args.render.write_text(json.dumps(result, indent=2) + "\n")
+        print(markdown(result))
+        return
     vocabs = args.vocab or ([32768] if args.quick else [32768, 151936])
     repeats = args.repeats or (1 if args.quick else 2)
     import torch
@@ -332,17 +351,28 @@ def main(argv=None) -> None:
             "repeats": repeats,
         },
         "runs": [],
+        "import_floors_mib": import_floors_mib(),
     }
+    settings = SETTINGS + ([TRL_LORA] if args.trl_lora else [])
     started = time.perf_counter()
-    for vocab in vocabs:
-        with tempfile.TemporaryDirectory(prefix=f"e2e-{vocab}-") as tmp:
-            result["runs"].append(run_vocab(vocab, repeats, Path(tmp)))
-        result["load_after"] = [round(x, 2) for x in os.getloadavg()]
-        result["wall_s"] = round(time.perf_counter() - started, 1)
-        result["targets"] = targets(result)
-        args.out.write_text(
-            json.dumps(result, indent=2) + "\n"
-        )  # after each vocabulary: a partial run counts
+    with tempfile.TemporaryDirectory(prefix="e2e-") as tmp:
+        states = []
+        for vocab in vocabs:
+            root = Path(tmp) / str(vocab)
+            root.mkdir()
+            states.append(
+                {"vocab": vocab, "root": root, "configs": build(root, vocab), "walls": {}, "last": {}}
+            )
+        # Repeats outermost: after the first, every vocabulary has a complete (if single) table.
+        for r in range(repeats):
+            for state in states:
+                run_repeat(state, r, settings)
+                result["runs"] = [rows_of(x, settings) for x in states if x["last"]]
+                result["repeats_done"] = r + 1
+                result["load_after"] = [round(x, 2) for x in os.getloadavg()]
+                result["wall_s"] = round(time.perf_counter() - started, 1)
+                result["targets"] = targets(result)
+                args.out.write_text(json.dumps(result, indent=2) + "\n")  # a partial run still counts
     print(markdown(result))
     print(
         f"\nload average {result['load_before']} before, {result['load_after']} after; {result['wall_s']:.0f} s"

@@ -90,7 +90,8 @@ def big_vocab_run(tmp_path_factory):
     raw = {
         "job_type": "kd_white_box_train_only",
         "dataset": {"labeled_path": str(data)},
-        "distillation": {"kd_ratio": 0.5, "max_seq_length": 128},
+        # the plain path, whose (N x V) logits terms this fixture is built to make dominant
+        "distillation": {"kd_ratio": 0.5, "max_seq_length": 128, "chunk_size": 0},
         "models": {"teacher": str(teacher), "student": str(student)},
         "training": {
             "output_dir": str(root / "out"),
