@@ -307,9 +307,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+SPLIT_ORDER = ("generation", "teacher_forward", "student_forward", "loss", "student_backward", "other")
+
+
 def _split_keys(run: dict) -> list[str]:
-    keys = [k for r in run["rows"] for k in r.get("split", {})]
-    return list(dict.fromkeys(keys))
+    """The time/* keys the rows logged, in the order of a step."""
+    keys = {k for r in run["rows"] for k in r.get("split", {})}
+    return [f"time/{p}" for p in SPLIT_ORDER if f"time/{p}" in keys]
 
 
 def main(argv=None) -> None:
