@@ -9,6 +9,7 @@ counts, and returns the peaks it saw; docs/memory.md compares them with the plan
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -31,6 +32,7 @@ def measure_here(config_path: str, steps: int) -> None:
     storages = {}
     for model in models:
         for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor = getattr(tensor, "ds_tensor", tensor)  # ZeRO-3 keeps this rank's partition there
             storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     live = sum(storages.values())
     rss_before = rss_bytes()
@@ -53,6 +55,7 @@ def measure_here(config_path: str, steps: int) -> None:
                 "weights_and_buffers_bytes": live,
                 "rss_before_train_bytes": rss_before,
                 "peak_rss_bytes": peak_rss,
+                "rank": int(os.environ.get("RANK", "0")),
             }
         )
     )

@@ -89,9 +89,26 @@ def load_frozen_teacher(path: str, cfg: Config, device: torch.device):
 
 
 def trainable_summary(model) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(p):  # ZeRO-3 keeps a partition (ds_numel is the full size)
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+
+
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Models loaded inside are whole, even while a ZeRO-3 config is active (which makes from_pretrained
+    partition them with zero.Init): a teacher that is to be replicated or offloaded, not sharded."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    current = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None  # is_deepspeed_zero3_enabled() is False inside
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = current
 
 
 @contextlib.contextmanager
@@ -140,8 +157,8 @@ def project(head: torch.nn.Module, hidden: torch.Tensor, out: torch.Tensor | Non
     so that a caller projecting many slices reuses one buffer instead of allocating (tokens x vocab) each time."""
     # Mixed precision may hand over fp32 hidden states (accelerate converts outputs) for a bf16 head.
     hidden = hidden.to(next(head.parameters()).dtype)
-    if type(head) is not torch.nn.Linear:
-        return head(hidden)
+    if not (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward):
+        return head(hidden)  # not a plain projection (loss.chunked.plain_linear: FSDP2's FSDPLinear is one)
     weight, bias = head.weight, head.bias
     if device is not None:
         weight = weight.to(device)

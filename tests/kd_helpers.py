@@ -113,3 +113,45 @@ def train_on_two_ranks(config: dict, path: Path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=Path(__file__).resolve().parents[1],
     )
+
+
+# How `accelerate launch` is told each engine: the shipped files of configs/accelerate/ (their process count
+# and mixed precision overridden on the command line).
+ENGINE_FLAGS = {
+    "zero3": ["--config_file", "configs/accelerate/zero3.yaml"],
+    "zero2": ["--config_file", "configs/accelerate/zero2.yaml"],
+    "fsdp2": ["--config_file", "configs/accelerate/fsdp2.yaml"],
+}
+
+
+def launch_two_ranks(config: dict, path: Path, engine: str, *extra: str, env: dict | None = None):
+    """Write `config` to `path` and run kd.train through `accelerate launch` on two gloo ranks under `engine`
+    (DeepSpeed on its CPU accelerator; FSDP2 through the test-only switch, accelerate having no CPU FSDP)."""
+    import os
+    import subprocess
+    import sys
+
+    path.write_text(json.dumps(config))
+    command = [sys.executable, "-m", "accelerate.commands.launch", *ENGINE_FLAGS[engine], *extra]
+    command += [
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    command += ["--main_process_port", str(free_port()), "-m", "easydistill.kd.train", "--config", str(path)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
+    if engine.startswith("fsdp"):
+        environment["EASYDISTILL_TEST_FSDP_ON_CPU"] = "1"
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+        cwd=Path(__file__).resolve().parents[1],
+    )

@@ -61,8 +61,6 @@ def test_start_line_says_which_path_and_why(student):
     chunk, line = choose_loss_path("auto", student, device=torch.device("cpu"))
     assert chunk == auto_chunk_size(student.config.vocab_size, student.config.hidden_size, "cpu", 0)
     assert line.startswith(f"loss: fused chunked path, chunk_size {chunk} (auto: vocabulary")
-    chunk, line = choose_loss_path("auto", student, sharded="FSDP")
-    assert chunk == 0 and "FSDP shards the head weight" in line
 
 
 def test_logit_softcapping_takes_the_plain_path_and_says_so(student):

@@ -130,3 +130,62 @@ def test_plan_command_prints_the_table_and_writes_json(big_vocab_run, tmp_path, 
     with pytest.raises(SystemExit) as info:
         run(plan.main, ["--config", str(tmp_path / "missing.json")])
     assert info.value.code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("deepspeed") is None,
+    reason="the deepspeed extra is not installed (pip install -e '.[deepspeed]')",
+)
+def test_plan_per_device_under_zero3_is_within_30_percent_of_a_rank(big_vocab_run):
+    """Two ranks under DeepSpeed ZeRO-3 (CPU accelerator): the per-device plan against the largest rank."""
+    from easydistill.config import load_config
+    from easydistill.memory_sharding import EngineSpec, measure_on_ranks, per_device
+
+    cfg = load_config(str(big_vocab_run))
+    spec = EngineSpec("zero3", 2)
+    teachers = {s.name: memory_plan.read_arch(s.path) for s in cfg.teachers if s.kind == "online"}
+    device = per_device(memory_plan.make_plan(cfg), spec, memory_plan.read_arch(cfg.models.student), teachers)
+    measured = measure_on_ranks(big_vocab_run, 2, spec)
+    assert len(measured["ranks"]) == 2
+    # Each rank starts with about half of the weights one process holds: the partitions are real.
+    from easydistill.memory_measure import measure
+
+    whole = measure(big_vocab_run, steps=1)["weights_and_buffers_bytes"]
+    assert all(0.35 < r["weights_and_buffers_bytes"] / whole < 0.65 for r in measured["ranks"])
+    ratio = device.peak / measured["engine_peak_bytes"]
+    assert 0.7 <= ratio <= 1.3, (ratio, device.table(), measured)
+
+
+def test_per_device_shares_follow_the_engine(tiny_pair, tmp_path):
+    """DDP keeps everything whole; ZeRO-2 splits gradients and optimizer; ZeRO-3 also the weights of the
+    student and of a sharded teacher; offload moves the shares off the device; a self-teacher adds nothing."""
+    from kd_helpers import kd_config, write_records
+
+    from easydistill.memory_sharding import EngineSpec, per_device
+
+    data = write_records(tmp_path / "d.jsonl", n=4)
+    cfg = load_config(kd_config(tiny_pair, data, tmp_path / "o", lora={"enable": False}))
+    student, teacher = (memory_plan.read_arch(str(p)) for p in (tiny_pair[1], tiny_pair[0]))
+    one = memory_plan.make_plan(cfg)
+
+    def terms(name, **kw):
+        device = per_device(one, EngineSpec(name, 4, **kw), student, {"teacher": teacher})
+        return device, {(t.owner, t.what.split(",")[0].split(" (")[0]): t.bytes for t in device.terms}
+
+    ddp, d = terms("ddp")
+    z2, t2 = terms("zero2")
+    z3, t3 = terms("zero3")
+    off, to = terms("zero3", offload_params=True, offload_optimizer=True)
+    assert d[("student", "weights")] == student.params * 4 == t2[("student", "weights")]
+    assert t2[("student", "gradients")] == d[("student", "gradients")] // 4
+    assert t2[("student", "optimizer")] == 12 * student.params // 4  # fp32 master + m + v, split in 4
+    assert t3[("student", "weights")] == student.params * 4 // 4
+    assert (
+        t3[("teacher", "weights")] == teacher.params * 4 // 4
+        and d[("teacher", "weights")] == teacher.params * 4
+    )
+    assert to[("student", "weights")] == 0 and to[("student", "optimizer")] == 0 and off.cpu_bytes > 0
+    assert off.peak < z3.peak < z2.peak <= ddp.peak
+    assert ddp.peak == one.peak  # DDP is the one-device plan on every device

@@ -142,6 +142,7 @@ def fused_head_loss(
     weights: Sequence[float],
     temperatures: Sequence[float],
     loss,
+    on_backward: Callable[[], None] | None = None,
 ) -> HeadLossSums:
     """CE + KD of the student's head on N label positions, `loss.chunk_size` positions at a time.
 
@@ -149,7 +150,8 @@ def fused_head_loss(
     targets (N,) the label tokens; teacher_rows[i] gives teacher i's rows for a slice of the N positions;
     loss the run's KDLoss (objective (1 − kd_ratio)·CE + kd_ratio·KD). Sums, not means: the caller divides by
     the step's token count. Equals CE + `combined_divergence` on full logits; the gradients are computed here,
-    during the forward.
+    during the forward. on_backward: called when backward reaches the loss, before the head's own gradients
+    are handed over (a sharded head is gathered there, so that they meet the full parameters).
     """
     if loss.chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {loss.chunk_size}")
@@ -205,4 +207,4 @@ def fused_head_loss(
         if student.need_grad:
             student.backprop(positions, sums.grad)
     objective = ce_weight * ce_sum + (kd_weight * kd_sum if sources else 0.0)
-    return HeadLossSums(student.attach(objective, hidden), ce_sum, kd_sum, own_sums)
+    return HeadLossSums(student.attach(objective, hidden, on_backward), ce_sum, kd_sum, own_sums)

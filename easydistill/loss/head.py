@@ -25,20 +25,28 @@ class ChunkBuffers:
         return buffer[:n]
 
 
+def plain_linear(module: torch.nn.Module) -> bool:
+    """Whether `module(x)` is just F.linear(x, weight, bias): a Linear whose forward is Linear's own (torch's
+    Linear, or one FSDP2 wrapped: fully_shard swaps the class for an FSDPLinear subclass, forward unchanged)."""
+    return isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward
+
+
 class PrecomputedGrad(torch.autograd.Function):
     """Forward: the objective computed, with its gradients, beforehand. Backward: those gradients of `inputs`
     times grad_output; nothing is recomputed."""
 
     @staticmethod
-    def forward(ctx, value, grads, *inputs):
-        ctx.grads = grads
+    def forward(ctx, value, grads, on_backward, *inputs):
+        ctx.grads, ctx.on_backward = grads, on_backward
         return value.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grads, ctx.grads = ctx.grads, None  # scaled in place and handed over: no second copy of dW
-        return (None, None, *(None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads))
+        if ctx.on_backward is not None:  # e.g. a sharded head gathered again for its gradient
+            ctx.on_backward()
+        return (None, None, None, *(None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads))
 
 
 class StudentHead:
@@ -50,7 +58,7 @@ class StudentHead:
     autograd on the chunk."""
 
     def __init__(self, head: torch.nn.Module, hidden: Tensor):
-        self.head, self.linear = head, type(head) is torch.nn.Linear
+        self.head, self.linear = head, plain_linear(head)
         candidates = [head.weight, head.bias] if self.linear else list(head.parameters())
         self.params = [p for p in candidates if p is not None and p.requires_grad]
         self.dtype = head.weight.dtype if self.linear else next(head.parameters()).dtype
@@ -108,7 +116,7 @@ class StudentHead:
                 else:
                     acc += grad.sum(0)
 
-    def attach(self, objective: Tensor, hidden: Tensor) -> Tensor:
+    def attach(self, objective: Tensor, hidden: Tensor, on_backward=None) -> Tensor:
         """The objective as a function of the hidden rows and the head, with the gradients gathered."""
         if not self.need_grad:
             return objective
@@ -116,4 +124,4 @@ class StudentHead:
         grads = ([self.grad_hidden] if self.grad_hidden is not None else []) + [
             g.to(p.dtype) for g, p in zip(self.param_grads, self.params)
         ]
-        return PrecomputedGrad.apply(objective, grads, *inputs)
+        return PrecomputedGrad.apply(objective, grads, on_backward if self.params else None, *inputs)

@@ -8,6 +8,7 @@ rows and projects a chunk at a time); stored teachers hand over sparse top-k row
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Protocol
 
@@ -40,10 +41,15 @@ def build_teachers(cfg, student_model, device) -> list[Teacher]:
     adapters off; a student without adapters (an evaluated merged or full model) gets models.student as a
     frozen online teacher instead (training configs cannot get there: a self-teacher needs LoRA)."""
     import torch
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from easydistill.models import load_frozen_teacher
+    from easydistill.models import load_frozen_teacher, outside_zero3_init
 
-    offload = bool(cfg.models.teacher_offload)
+    # Only ZeRO-3 places a model while it loads (zero.Init); FSDP2 shards teachers once the Trainer exists.
+    placement = "offload" if cfg.models.teacher_offload else (cfg.models.teacher_placement or "auto")
+    if placement == "auto":
+        placement = "sharded" if is_deepspeed_zero3_enabled() else "replicated"
+    offload = placement == "offload"
     teachers = []
     for spec in cfg.teachers:
         if spec.kind == "self" and hasattr(student_model, "disable_adapter"):
@@ -51,9 +57,11 @@ def build_teachers(cfg, student_model, device) -> list[Teacher]:
         elif spec.kind in ("self", "online"):
             if spec.kind == "self":
                 spec = dataclasses.replace(spec, kind="online", path=cfg.models.student)
-            model = load_frozen_teacher(
-                spec.path, cfg, torch.device("cpu") if offload else torch.device(device)
-            )
+            # ZeRO-3 partitions a teacher while it loads only when it is to be sharded (train/engines.py)
+            with contextlib.nullcontext() if placement == "sharded" else outside_zero3_init():
+                model = load_frozen_teacher(
+                    spec.path, cfg, torch.device("cpu") if offload else torch.device(device)
+                )
             teachers.append(OnlineTeacher(spec, model, offload=offload))
         else:  # stored logits: kd.infer (or kd.train, before this) made sure the store is complete
             from easydistill.teachers.cached import CachedTeacher

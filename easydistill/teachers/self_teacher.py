@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from easydistill.config import TeacherSpec
+from easydistill.loss.head import plain_linear
 from easydistill.loss.rows import DenseRows
 from easydistill.models import eval_mode, final_hidden_states, head_unsupported, project
 
@@ -51,7 +52,7 @@ class SelfTeacher:
     def head_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(n, H) -> (n, V) through the output head the student shares, with its adapters (a LoRA or
         modules_to_save copy of the head, if any) disabled; into `out` when the head allows (see `project`)."""
-        if type(self.head) is torch.nn.Linear:  # a plain head has no adapter to switch off
+        if plain_linear(self.head):  # a plain head has no adapter to switch off
             return project(self.head, hidden, out)
         with self.model.disable_adapter():
             return project(self.head, hidden)

@@ -20,8 +20,10 @@ from torch import Tensor
 from easydistill.config.chunk_size import AUTO, auto_chunk_size
 from easydistill.loss.chunked import RowSource, fused_head_loss
 from easydistill.loss.combine import combined_divergence
+from easydistill.loss.head import plain_linear
 from easydistill.loss.rows import DenseRows
 from easydistill.models import base_model, head_unsupported, hidden_at_labels, logits_at_labels, unwrap
+from easydistill.train.gather import gathered, regather_for_backward, unchunkable_head
 from easydistill.train.timing import StepClock, timed
 
 IGNORE_INDEX = -100
@@ -64,16 +66,29 @@ def kd_step(
     mask, targets = label_positions(inputs["labels"])  # (B, T-1), (N,)
     scoring = list(teachers) if loss.kd_ratio > 0 else []
     weights, temperatures = [t.spec.weight for t in teachers], [t.spec.temperature for t in teachers]
-    if loss.chunk_size > 0 and not return_outputs and _fused_supported(model):
+    roots = [unwrap(model)] + [t.model for t in teachers if getattr(t, "model", None) is not None]
+    student_head = getattr(unwrap(model), "get_output_embeddings", lambda: None)()
+    heads = [student_head, *(t.head for t in scoring if t.projects)]
+    if loss.chunk_size > 0 and not return_outputs and _fused_supported(model, heads):
         with timed(clock, "student_forward"):
             hidden = hidden_at_labels(model, inputs, mask)  # (N, H_s): the student's rows, before its head
-        head = unwrap(model).get_output_embeddings()
-        with timed(clock, "teacher_forward"):
-            sources = [
-                _row_source(t, inputs, mask, head) for t in scoring
-            ]  # each teacher's, a chunk at a time
-        with timed(clock, "loss"):  # the teachers' head projections happen here too, a chunk at a time
-            sums = fused_head_loss(hidden, head, targets, sources, weights, temperatures, loss)
+        with timed(
+            clock, "teacher_forward"
+        ):  # every forward before any head is gathered (ZeRO-3 re-partitions)
+            rows = [_hidden_or_rows(t, inputs, mask) for t in scoring]
+        # Each head gathered once for the whole chunk loop, which then makes no collective.
+        with timed(clock, "loss"), gathered(heads, roots):  # the teachers' projections too, a chunk at a time
+            sources = [_row_source(t, r, student_head) for t, r in zip(scoring, rows)]
+            sums = fused_head_loss(
+                hidden,
+                student_head,
+                targets,
+                sources,
+                weights,
+                temperatures,
+                loss,
+                on_backward=lambda: regather_for_backward(student_head),
+            )
         own = sums.own_sums if scoring else [sums.ce_sum.new_zeros(()) for _ in teachers]
         return StepSums(sums.objective, sums.ce_sum, sums.kd_sum, own, targets.numel())
 
@@ -85,7 +100,12 @@ def kd_step(
         else:
             student = logits_at_labels(model, inputs, mask)  # (N, V_s)
     with timed(clock, "teacher_forward"):
-        rows = [_rows(t, inputs, mask, full=return_outputs) for t in scoring]  # each DenseRows or SparseRows
+        if return_outputs:
+            rows = [t.rows(inputs, mask) for t in scoring]  # each DenseRows or SparseRows
+        else:
+            rows = [_hidden_or_rows(t, inputs, mask) for t in scoring]
+            with gathered(heads[1:], roots):  # the teachers' projections: one gather per head
+                rows = [DenseRows(t.head_logits(r)) if t.projects else r for t, r in zip(scoring, rows)]
     with timed(clock, "loss"):
         ce_sum = F.cross_entropy(student.float(), targets, reduction="sum")
         kd_sum, own = ce_sum.new_zeros(()), [ce_sum.new_zeros(()) for _ in teachers]
@@ -97,17 +117,16 @@ def kd_step(
     )
 
 
-def choose_loss_path(setting, model, teachers=(), device="cpu", *, device_memory=None, sharded=None):
+def choose_loss_path(setting, model, teachers=(), device="cpu", *, device_memory=None):
     """(chunk_size for `kd_step`, the run's start line: which path it takes and why).
 
     setting: distillation.chunk_size (an int, or "auto": `auto_chunk_size` of the student's head on
-    `device`). The plain path when it is 0, when the student's logits are not head(hidden) (`head_unsupported`),
-    or when an engine shards the head weight (`sharded` names it), which the fused loop reads whole."""
+    `device`). The plain path when it is 0 or when the student's logits are not head(hidden)
+    (`head_unsupported`). A head sharded by ZeRO-3 / FSDP2 is gathered once per step around the chunk loop
+    (train/gather.py); one that is also not a plain Linear takes the plain path at the step (`kd_step`)."""
     if setting == 0:
         return 0, "loss: plain path (distillation.chunk_size is 0): logits at the label positions only"
-    reason = head_unsupported(model) or (
-        sharded and f"{sharded} shards the head weight, read whole per chunk"
-    )
+    reason = head_unsupported(model)
     if reason:
         return (
             0,
@@ -130,29 +149,26 @@ def choose_loss_path(setting, model, teachers=(), device="cpu", *, device_memory
 _warned: set[str] = set()
 
 
-def _fused_supported(model: torch.nn.Module) -> bool:
-    reason = head_unsupported(model)
+def _fused_supported(model: torch.nn.Module, heads) -> bool:
+    reason = head_unsupported(model) or unchunkable_head(heads)
     if reason is not None and reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"distillation.chunk_size: {reason}; using the plain KD path", stacklevel=3)
     return reason is None
 
 
-def _rows(teacher, inputs: dict[str, Tensor], mask: Tensor, full: bool):
-    """A teacher's rows at the label positions: a model teacher's logits there only, unless `full` is asked."""
-    if teacher.projects and not full:
-        return DenseRows(teacher.head_logits(teacher.hidden_rows(inputs, mask)))
-    return teacher.rows(inputs, mask)
+def _hidden_or_rows(teacher, inputs: dict[str, Tensor], mask: Tensor):
+    """A teacher's forward at the label positions: (N, H_t) hidden rows when we apply its head ourselves (a
+    chunk at a time, or once with the head gathered), else its rows (DenseRows or SparseRows)."""
+    return teacher.hidden_rows(inputs, mask) if teacher.projects else teacher.rows(inputs, mask)
 
 
-def _row_source(teacher, inputs: dict[str, Tensor], mask: Tensor, student_head) -> RowSource:
-    """A teacher's rows for a slice of the positions. Model teachers keep (N, H_t) hidden rows and project a chunk
+def _row_source(teacher, rows, student_head) -> RowSource:
+    """A teacher's rows for a slice of the positions. Model teachers project their (N, H_t) hidden rows a chunk
     at a time (into the caller's buffer, or with the student's rows when they share its plain head); stored
-    teachers hand over their rows, sliced."""
+    teachers hand over their rows, sliced. Call with the heads gathered."""
     if not teacher.projects:
-        rows = teacher.rows(inputs, mask)
         return RowSource(lambda positions, out: rows[positions])
-    hidden = teacher.hidden_rows(inputs, mask)
-    shares = type(teacher.head) is torch.nn.Linear and teacher.head is student_head
-    fetch = lambda positions, out: DenseRows(teacher.head_logits(hidden[positions], out=out))  # noqa: E731
-    return RowSource(fetch, teacher.head.weight.shape[0], hidden if shares else None)
+    shares = plain_linear(teacher.head) and teacher.head is student_head
+    fetch = lambda positions, out: DenseRows(teacher.head_logits(rows[positions], out=out))  # noqa: E731
+    return RowSource(fetch, teacher.head.weight.shape[0], rows if shares else None)

@@ -55,7 +55,6 @@ class KDTrainer(CrashSafeCheckpoints, FiniteSteps, Trainer):
             self.teachers,
             self.args.device,
             device_memory=_device_memory(self.args.device),
-            sharded=self._head_sharding(),
         )
         self.loss = replace(self.loss, chunk_size=chunk_size)
         # Trainer counts the valid tokens of every optimizer step (all micro-batches, gathered over ranks)
@@ -70,14 +69,6 @@ class KDTrainer(CrashSafeCheckpoints, FiniteSteps, Trainer):
         self.clock = StepClock(self.args.device)  # seconds per part of the steps since the last log
         self._log_clock, self._log_step = time.perf_counter(), 0
         self.add_callback(_StartClock(self))
-
-    def _head_sharding(self) -> str | None:
-        """The engine that shards the student's head weight, if one does."""
-        if self.is_fsdp_enabled:
-            return "FSDP"
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        return "DeepSpeed ZeRO-3" if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled() else None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Which batch: on-policy micro-batches swap the data's for completions sampled for its prompts."""
@@ -271,9 +262,11 @@ def prepare_run(cfg) -> KDRun:
     from easydistill.runtime import print0
     from easydistill.store.precompute import training_examples
     from easydistill.teachers import build_teachers
+    from easydistill.train import engines
 
     hf_logging.disable_progress_bar()  # per-file loading bars; the training bar is Trainer's own
     args = training_arguments(cfg)
+    asked = engines.check_launch(args)  # before any weight loads: an engine that cannot run stops here
     set_seed(args.seed)
     m = cfg.models
     tokenizer = load_tokenizer(m.student, m.trust_remote_code)
@@ -306,6 +299,8 @@ def prepare_run(cfg) -> KDRun:
         on_policy=on_policy_settings(cfg, tokenizer, student),
         skip_nonfinite_steps=cfg.training.skip_nonfinite_steps or 0,
     )
+    engines.force_fsdp_for_tests(trainer)
+    trainer.engine = engines.setup(trainer, cfg, asked)  # the engine in force, teachers placed, one line
     print0(trainer.loss_path_line)
     return KDRun(cfg, trainer, tokenizer, train_examples, eval_examples, stats)
 
@@ -330,6 +325,7 @@ def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
     from easydistill.atomic import write_text_atomic
     from easydistill.evaluation.report import attach_report
     from easydistill.export import merge_adapter
+    from easydistill.models import outside_zero3_init
     from easydistill.run_folder import check_resume, stamp, start_run
     from easydistill.runtime import is_main_process, print0
     from easydistill.train.checkpoints import (
@@ -340,6 +336,7 @@ def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
         plan_resume,
         staged_export,
     )
+    from easydistill.train.engines import write_engine_file
 
     # Which checkpoint to resume from: the newest complete one (read before anything is changed).
     plan = plan_resume(cfg.training.resume_from_checkpoint, cfg.output_dir)
@@ -349,6 +346,7 @@ def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
         identity = start_run(cfg, log=print0)  # models and data are loaded: the run is known to start
         trainer.checkpoint_writers.append(lambda folder: stamp(folder, identity))
     clear_interrupted(trainer, cfg.output_dir, plan, cfg.training.resume_from_checkpoint, log=print0)
+    write_engine_file(trainer, cfg.output_dir)
     if plan.nothing_to_do:
         return finished_metrics(cfg.output_dir)
     # Held-out figures before / after (and at each Trainer evaluation) for report.json, report.md, the plot.
@@ -360,6 +358,8 @@ def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
         return finished_metrics(cfg.output_dir)
     metrics = dict(result.metrics)
     metrics.update({f"data_{k}": v for k, v in vars(run.stats).items()})
+    metrics["engine"] = trainer.engine.name
+    write_engine_file(trainer, cfg.output_dir, measured=True)  # + each rank's parameter bytes
     if run.eval_examples:
         metrics.update(trainer.evaluate())
     if reporter is not None:
@@ -372,15 +372,16 @@ def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
             trainer.state.save_to_json(str(staging / "trainer_state.json"))
     if cfg.lora.enable and cfg.lora.save_merged_model and trainer.is_world_process_zero():
         texts = [run.tokenizer.decode(e.input_ids) for e in (run.eval_examples or run.train_examples)[:4]]
-        metrics["merged_max_logit_diff"] = merge_adapter(
-            m.student,
-            str(cfg.output_dir),
-            cfg.output_dir / "merged_model",
-            dtype="float32" if m.dtype == "auto" else m.dtype,
-            trust_remote_code=m.trust_remote_code,
-            texts=texts,
-            log=print0,
-        )
+        with outside_zero3_init():  # one rank loads the base whole: zero.Init would wait for the others
+            metrics["merged_max_logit_diff"] = merge_adapter(
+                m.student,
+                str(cfg.output_dir),
+                cfg.output_dir / "merged_model",
+                dtype="float32" if m.dtype == "auto" else m.dtype,
+                trust_remote_code=m.trust_remote_code,
+                texts=texts,
+                log=print0,
+            )
     if trainer.is_world_process_zero():
         write_text_atomic(cfg.output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         if reporter is not None:
