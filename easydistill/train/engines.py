@@ -274,7 +274,7 @@ def place_teachers(trainer, engine: Engine, cfg) -> None:
 def setup(trainer, cfg, asked: Requested) -> Engine:
     """After the Trainer is built: the engine in force, checked, with the teachers placed and announced
     (`write_engine_file` records it in the run folder)."""
-    from easydistill.cli import print0
+    from easydistill.runtime import print0
 
     engine = detect(trainer)
     check_in_force(asked, engine)
