@@ -321,11 +321,13 @@ def parameter_bytes(trainer) -> dict[str, list[int]]:
 
 def write_engine_file(trainer, output_dir, *, measured: bool = False) -> None:
     """<output_dir>/engine.json: the engine facts; `measured` adds each rank's parameter bytes per model
-    (every rank must call it then: the figures are gathered)."""
+    (every rank must call it then: the figures are gathered). A start with the same facts leaves the file."""
     import json
 
     facts = trainer.engine.as_dict()
     if measured:
         facts["parameter_bytes_per_rank"] = parameter_bytes(trainer)
-    if trainer.is_world_process_zero():
-        (output_dir / "engine.json").write_text(json.dumps(facts, indent=2) + "\n")
+    path = output_dir / "engine.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if trainer.is_world_process_zero() and {k: known.get(k) for k in facts} != facts:
+        path.write_text(json.dumps(facts, indent=2) + "\n")  # the same facts again: left as they are

@@ -65,6 +65,8 @@ class FiniteSteps:
         return grad_norm
 
     def _check_step(self, grad_norm) -> None:
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2's norm is a DTensor (every rank makes this collective)
+            grad_norm = grad_norm.full_tensor()
         norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, dtype=torch.float32)
         flags = torch.stack(
             [self._nonfinite_losses, (~torch.isfinite(norm)).float().to(self._nonfinite_losses)]

@@ -346,9 +346,9 @@ def _train_and_export(cfg, run, trainer, m, reference=None) -> dict:
         identity = start_run(cfg, log=print0)  # models and data are loaded: the run is known to start
         trainer.checkpoint_writers.append(lambda folder: stamp(folder, identity))
     clear_interrupted(trainer, cfg.output_dir, plan, cfg.training.resume_from_checkpoint, log=print0)
-    write_engine_file(trainer, cfg.output_dir)
     if plan.nothing_to_do:
         return finished_metrics(cfg.output_dir)
+    write_engine_file(trainer, cfg.output_dir)
     # Held-out figures before / after (and at each Trainer evaluation) for report.json, report.md, the plot.
     reporter = attach_report(run, log=print0, reference=reference)
     if reporter is not None and not plan.checkpoint:  # a resumed run's "before" is its checkpoint
