@@ -34,8 +34,8 @@ def adversarial_texts(n: int, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def tokenizers_pair():
     """(student: byte-level BPE with ChatML, teacher: sentencepiece-style BPE with another template)."""
-    from easydistill import synthetic
-    from easydistill.tiny_models import build_tokenizer
+    from examples import synthetic
+    from examples.tiny_models import build_tokenizer
     from examples.tiny_tokenizers import build_sentencepiece_tokenizer
 
     return build_tokenizer(), build_sentencepiece_tokenizer(synthetic.corpus(), 400)
