@@ -23,6 +23,7 @@ from easydistill.model_files import (
     same_tokenizer_files,
     tokenizer_vocab,
 )
+from easydistill.preflight_cross import check_cross_pair
 from easydistill.run_folder import RUN_CONFIG as RUN_MARKER  # noqa: F401  (older name)
 from easydistill.run_folder import output_dir_problems
 from easydistill.store.answer_files import check_existing_answers, writes_answers
@@ -74,18 +75,14 @@ def _compare_tokenizers(cfg: Config, folders: dict[str, str], problems: list[str
         report.vocab[path] = rows
         if where == student_where:
             continue
-        if not same_tokenizer_files(student, path):
+        if cfg.distillation.cross_tokenizer == "on" or not same_tokenizer_files(student, path):
             try:
                 other = _vocab(path, cfg.models.trust_remote_code)
             except Exception as exc:
                 problems.append(f"{where}: cannot load the tokenizer from {path!r}: {exc}")
                 continue
-            if other != ref_vocab:
-                problems.append(
-                    f"{where}: the teacher's tokenizer ({len(other)} tokens, {rows} embedding rows) differs from "
-                    f"the student's ({len(ref_vocab)} tokens, {report.vocab[student]} embedding rows); "
-                    "white-box KD compares distributions token by token, so both must share one tokenizer"
-                )
+            if other != ref_vocab or cfg.distillation.cross_tokenizer == "on":
+                check_cross_pair(cfg, where, student, path, problems, report.notes)
                 continue
         student_rows = report.vocab[student]
         if rows != student_rows:

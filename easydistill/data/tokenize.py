@@ -25,6 +25,7 @@ class TokenizedExample:
     prompt_len: int  # number of leading masked tokens
     sample_index: int = -1  # position in its split, set by build_dataset; -1 = not in a dataset
     split: str = "train"  # which split sample_index counts in ("train" or "eval"), set by build_dataset
+    messages: list[dict] | None = None  # the record's messages (a cross-tokenizer teacher renders its own prompt)
 
 
 @dataclass
@@ -85,7 +86,8 @@ def _tokenize_record(record, tokenizer, template_path, max_length):
     if all(t == IGNORE_INDEX for t in labels):
         return None, full_len, truncated
     prompt_len = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
-    return TokenizedExample(record["id"], ids, labels, prompt_len), full_len, truncated
+    example = TokenizedExample(record["id"], ids, labels, prompt_len, messages=record["messages"])
+    return example, full_len, truncated
 
 
 def render_and_tokenize(record, tokenizer, *, template_path=None, max_length) -> TokenizedExample | None:

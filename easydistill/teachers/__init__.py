@@ -36,10 +36,13 @@ class Teacher(Protocol):
         """Sampled token ids, as `model.generate` (sequence-level KD, evaluation)."""
 
 
-def build_teachers(cfg, student_model, device) -> list[Teacher]:
+def build_teachers(cfg, student_model, device, *, tokenizer=None, examples=None) -> list[Teacher]:
     """The config's teachers, for training and for evaluation alike. The self-teacher is `student_model` with its
     adapters off; a student without adapters (an evaluated merged or full model) gets models.student as a
-    frozen online teacher instead (training configs cannot get there: a self-teacher needs LoRA)."""
+    frozen online teacher instead (training configs cannot get there: a self-teacher needs LoRA).
+
+    tokenizer (the student's) and examples (split -> TokenizedExamples) let a model teacher with another
+    tokenizer join, behind a CrossTokenizerTeacher (teachers/cross_tokenizer.py)."""
     import torch
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -62,7 +65,12 @@ def build_teachers(cfg, student_model, device) -> list[Teacher]:
                 model = load_frozen_teacher(
                     spec.path, cfg, torch.device("cpu") if offload else torch.device(device)
                 )
-            teachers.append(OnlineTeacher(spec, model, offload=offload))
+            teacher = OnlineTeacher(spec, model, offload=offload)
+            if tokenizer is not None:
+                from easydistill.teachers.cross_tokenizer import maybe_cross_tokenizer
+
+                teacher = maybe_cross_tokenizer(teacher, cfg, tokenizer, examples)
+            teachers.append(teacher)
         else:  # stored logits: kd.infer (or kd.train, before this) made sure the store is complete
             from easydistill.teachers.cached import CachedTeacher
 

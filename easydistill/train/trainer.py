@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import Trainer, TrainerCallback
 
+from easydistill.teachers.cross_tokenizer import cross_tokenizer_logs
 from easydistill.train.checkpoints import CrashSafeCheckpoints
 from easydistill.train.finite import FiniteSteps
 from easydistill.train.on_policy import is_on_policy, on_policy_settings, sample_completions, student_generate
@@ -159,6 +160,7 @@ class KDTrainer(CrashSafeCheckpoints, FiniteSteps, Trainer):
                 if len(self.teachers) > 1:
                     for teacher, value in zip(self.teachers, per_teacher):
                         logs[f"kd_loss/{teacher.spec.name}"] = divergence_for_log(value / n)
+                logs.update(cross_tokenizer_logs(self.teachers, self.accelerator.reduce, self.args.device))
             now = time.perf_counter()
             elapsed = max(now - self._log_clock, 1e-9)
             steps = max(self.state.global_step - self._log_step, 1)
@@ -276,7 +278,8 @@ def prepare_run(cfg) -> KDRun:
         raise UserError(f"$.dataset.labeled_path: no training example left ({stats.summary()})")
 
     student = load_student(cfg)
-    teachers = build_teachers(cfg, student, args.device)
+    examples = {"train": train_examples, "eval": eval_examples}
+    teachers = build_teachers(cfg, student, args.device, tokenizer=tokenizer, examples=examples)
     print0(f"student: {m.student} ({trainable_summary(student)})")
     for t in teachers:
         if t.spec.kind == "self":

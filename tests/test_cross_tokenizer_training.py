@@ -1,0 +1,138 @@
+"""Cross-tokenizer teachers in runs: validation, the same-tokenizer invariant, training with one or several
+teachers, the fused path and on-policy batches."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from kd_helpers import kd_config, prepare, train, write_records
+
+from easydistill import cli, validate
+from easydistill.data import KDCollator
+from easydistill.train.step import kd_step_sums
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_records(tmp_path_factory.mktemp("xtok-data") / "add.jsonl", "add", n=16)
+
+
+@pytest.fixture(scope="module")
+def sp_teacher(tmp_path_factory):
+    """A Llama teacher whose tokenizer is sentencepiece-style BPE with another chat template (as a Qwen2 folder,
+    transformers would rebuild its tokenizer as Qwen2's byte-level one)."""
+    from examples import synthetic
+    from examples.tiny_models import TEACHER, build_model
+    from examples.tiny_tokenizers import build_sentencepiece_tokenizer
+
+    tokenizer = build_sentencepiece_tokenizer(synthetic.corpus(), 400)
+    folder = tmp_path_factory.mktemp("sp-teacher") / "model"
+    return build_model(folder, arch="llama", tokenizer=tokenizer, seed=3, **TEACHER)
+
+
+def run_validate(raw, tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SystemExit) as info:
+        cli.run(validate.main, ["--config", str(path)])
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def test_validate_reports_the_pair_or_refuses_it(tiny_pair, sp_teacher, data, tmp_path, capsys):
+    raw = kd_config(tiny_pair, data, tmp_path / "out", models={"teacher": str(sp_teacher)})
+    code, out, err = run_validate(raw, tmp_path, capsys)
+    assert code == 0, err
+    assert "$.models.teacher: cross-tokenizer distillation" in out
+    assert "vocabulary overlap" in out and "response characters in aligned tokens" in out
+    refused = copy.deepcopy(raw)
+    refused["distillation"]["cross_tokenizer_min_overlap"] = 0.99
+    code, _, err = run_validate(refused, tmp_path, capsys)
+    assert code == 2 and "of the student's vocabulary matches a teacher entry" in err and "0.99" in err
+    refused["distillation"]["cross_tokenizer"] = "off"
+    code, _, err = run_validate(refused, tmp_path, capsys)
+    assert code == 2 and 'cross_tokenizer is "off"' in err
+
+
+def first_batch(run, n=4):
+    dataset = run.trainer.train_dataset
+    return KDCollator(run.tokenizer.pad_token_id)([dataset[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("chunk_size", [0, 8])
+@pytest.mark.parametrize("kind", ["forward_kld", "jsd"])
+def test_same_tokenizer_through_the_cross_path_gives_the_ordinary_loss(tiny_pair, data, tmp_path, chunk_size, kind):
+    """The invariant that proves the alignment: one tokenizer on both sides, every position aligned one to one,
+    the map the identity and k = the vocabulary, so the projected rows are the teacher's own distribution."""
+    distillation = {"chunk_size": chunk_size, "distillation_type": kind, "temperature": 2.0}
+    sums = {}
+    for mode in ("off", "on"):
+        d = {**distillation, "cross_tokenizer": mode, "cross_tokenizer_top_k": 4096}
+        run = prepare(kd_config(tiny_pair, data, tmp_path / mode, distillation=d))
+        if mode == "on":
+            assert run.trainer.teachers[0].spec.kind == "cross_tokenizer"
+        batch = first_batch(run)
+        model = run.trainer.model
+        result = kd_step_sums(model, batch, run.trainer.teachers, kd_ratio=0.5, kind=kind, temperature=2.0,
+                              chunk_size=chunk_size)
+        result.objective.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        sums[mode] = (result.kd_sum, result.ce_sum, grads)
+        if mode == "on":
+            counts = run.trainer.teachers[0].take_counts()
+            assert counts["aligned_positions"] == counts["label_positions"] == int((batch["labels"][:, 1:] != -100).sum())
+            assert counts["mapped_mass"] == pytest.approx(counts["aligned_positions"], rel=1e-5)
+    assert float(sums["off"][0]) > 0
+    torch.testing.assert_close(sums["on"][0], sums["off"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sums["on"][1], sums["off"][1])
+    for name, grad in sums["off"][2].items():
+        torch.testing.assert_close(sums["on"][2][name], grad, rtol=1e-3, atol=1e-6)
+
+
+def test_cross_tokenizer_teacher_trains_and_logs_its_counts(tiny_pair, sp_teacher, data, tmp_path):
+    raw = kd_config(tiny_pair, data, tmp_path / "out", models={"teacher": str(sp_teacher)}, training={"max_steps": 2})
+    metrics = train(raw)
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    logged = [h for h in history if "kd_loss" in h]
+    assert logged and all(h["kd_loss"] > 0 for h in logged)
+    name = "model"
+    assert all(0.5 < h[f"aligned_share/{name}"] <= 1.0 and 0.9 < h[f"mapped_mass/{name}"] <= 1.0 for h in logged)
+    assert metrics["train_loss"] == metrics["train_loss"]  # finite
+
+
+@pytest.mark.parametrize("chunk_size", [0, 8])
+def test_teachers_with_and_without_the_students_tokenizer_together(tiny_pair, sp_teacher, data, tmp_path, chunk_size):
+    teacher, _ = tiny_pair
+    raw = kd_config(
+        tiny_pair,
+        data,
+        tmp_path / "out",
+        models={"teacher": [str(teacher), str(sp_teacher)]},
+        distillation={"chunk_size": chunk_size, "combine": "weighted_loss"},
+    )
+    run = prepare(raw)
+    kinds = [t.spec.kind for t in run.trainer.teachers]
+    assert kinds == ["online", "cross_tokenizer"]
+    batch = first_batch(run)
+    result = kd_step_sums(run.trainer.model, batch, run.trainer.teachers, kd_ratio=0.5, chunk_size=chunk_size)
+    own = [float(o) for o in result.own_sums]
+    assert all(o > 0 for o in own)
+    assert float(result.kd_sum) == pytest.approx(sum(w * o for w, o in zip([0.5, 0.5], own)), rel=1e-5)
+
+
+def test_on_policy_samples_reach_the_cross_tokenizer_teacher(tiny_pair, sp_teacher, data, tmp_path):
+    raw = kd_config(
+        tiny_pair,
+        data,
+        tmp_path / "out",
+        models={"teacher": str(sp_teacher)},
+        distillation={"lmbda": 1.0, "max_new_tokens": 6},
+        training={"max_steps": 1},
+    )
+    train(raw)
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    logged = [h for h in history if "kd_loss" in h]
+    assert logged[0]["on_policy_fraction"] == 1.0 and logged[0]["aligned_positions/model"] > 0
