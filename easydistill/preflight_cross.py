@@ -37,7 +37,9 @@ def _tokenizer(path: str, trust_remote_code: bool):
     return tokenizer
 
 
-def check_cross_pair(cfg, where: str, student_path: str, teacher_path: str, problems: list[str], notes: list[str]):
+def check_cross_pair(
+    cfg, where: str, student_path: str, teacher_path: str, problems: list[str], notes: list[str]
+):
     """Refuse the pair (a problem naming the JSON path) or note how it will be distilled."""
     from easydistill.data.cross_pair import CrossPair
     from easydistill.errors import UserError
@@ -47,7 +49,9 @@ def check_cross_pair(cfg, where: str, student_path: str, teacher_path: str, prob
         student = _tokenizer(student_path, cfg.models.trust_remote_code)
         teacher = _tokenizer(teacher_path, cfg.models.trust_remote_code)
     except Exception as exc:  # a broken tokenizer file is the user's to fix
-        problems.append(f"{where}: cannot read the tokenizers of {student_path!r} and {teacher_path!r}: {exc}")
+        problems.append(
+            f"{where}: cannot read the tokenizers of {student_path!r} and {teacher_path!r}: {exc}"
+        )
         return
     sizes = f"teacher {len(teacher)} tokens, student {len(student)}"
     if d.cross_tokenizer == "off":

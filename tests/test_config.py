@@ -329,9 +329,12 @@ def test_all_problems_reported_at_once(v1_config, tmp_path, capsys):
 def test_mismatched_tokenizers(v1_config, mismatched_tokenizer_model, tmp_path, capsys):
     raw = copy.deepcopy(v1_config)
     raw["models"]["teacher"] = str(mismatched_tokenizer_model)
+    code, out, _ = run_validate(raw, tmp_path, capsys)
+    assert code == 0 and "$.models.teacher: cross-tokenizer distillation" in out  # auto, the default
+    raw["distillation"]["cross_tokenizer"] = "off"
     code, _, err = run_validate(raw, tmp_path, capsys)
     assert code == 2
-    assert "$.models.teacher: the teacher's tokenizer" in err and "tokens" in err
+    assert "$.models.teacher: the teacher's tokenizer differs" in err and "tokens" in err
 
 
 def test_padded_vocab_is_allowed_and_noted(v1_config, tmp_path, capsys):

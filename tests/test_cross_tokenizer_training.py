@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ from kd_helpers import kd_config, prepare, train, write_records
 from easydistill import cli, validate
 from easydistill.data import KDCollator
 from easydistill.train.step import kd_step_sums
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +49,16 @@ def run_validate(raw, tmp_path, capsys):
 
 def test_validate_reports_the_pair_or_refuses_it(tiny_pair, sp_teacher, data, tmp_path, capsys):
     raw = kd_config(tiny_pair, data, tmp_path / "out", models={"teacher": str(sp_teacher)})
-    code, out, err = run_validate(raw, tmp_path, capsys)
-    assert code == 0, err
-    assert "$.models.teacher: cross-tokenizer distillation" in out
-    assert "vocabulary overlap" in out and "response characters in aligned tokens" in out
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    command = [sys.executable, "-X", "importtime", "-m", "easydistill.validate", "--config", str(path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "$.models.teacher: cross-tokenizer distillation" in proc.stdout
+    assert "vocabulary overlap" in proc.stdout and "response characters in aligned tokens" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "easydistill.data.cross_pair" in imported
+    assert sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers", "numpy")) == []
     refused = copy.deepcopy(raw)
     refused["distillation"]["cross_tokenizer_min_overlap"] = 0.99
     code, _, err = run_validate(refused, tmp_path, capsys)
@@ -64,7 +75,9 @@ def first_batch(run, n=4):
 
 @pytest.mark.parametrize("chunk_size", [0, 8])
 @pytest.mark.parametrize("kind", ["forward_kld", "jsd"])
-def test_same_tokenizer_through_the_cross_path_gives_the_ordinary_loss(tiny_pair, data, tmp_path, chunk_size, kind):
+def test_same_tokenizer_through_the_cross_path_gives_the_ordinary_loss(
+    tiny_pair, data, tmp_path, chunk_size, kind
+):
     """The invariant that proves the alignment: one tokenizer on both sides, every position aligned one to one,
     the map the identity and k = the vocabulary, so the projected rows are the teacher's own distribution."""
     distillation = {"chunk_size": chunk_size, "distillation_type": kind, "temperature": 2.0}
@@ -76,14 +89,25 @@ def test_same_tokenizer_through_the_cross_path_gives_the_ordinary_loss(tiny_pair
             assert run.trainer.teachers[0].spec.kind == "cross_tokenizer"
         batch = first_batch(run)
         model = run.trainer.model
-        result = kd_step_sums(model, batch, run.trainer.teachers, kd_ratio=0.5, kind=kind, temperature=2.0,
-                              chunk_size=chunk_size)
+        result = kd_step_sums(
+            model,
+            batch,
+            run.trainer.teachers,
+            kd_ratio=0.5,
+            kind=kind,
+            temperature=2.0,
+            chunk_size=chunk_size,
+        )
         result.objective.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         sums[mode] = (result.kd_sum, result.ce_sum, grads)
         if mode == "on":
             counts = run.trainer.teachers[0].take_counts()
-            assert counts["aligned_positions"] == counts["label_positions"] == int((batch["labels"][:, 1:] != -100).sum())
+            assert (
+                counts["aligned_positions"]
+                == counts["label_positions"]
+                == int((batch["labels"][:, 1:] != -100).sum())
+            )
             assert counts["mapped_mass"] == pytest.approx(counts["aligned_positions"], rel=1e-5)
     assert float(sums["off"][0]) > 0
     torch.testing.assert_close(sums["on"][0], sums["off"][0], rtol=1e-4, atol=1e-5)
@@ -93,18 +117,24 @@ def test_same_tokenizer_through_the_cross_path_gives_the_ordinary_loss(tiny_pair
 
 
 def test_cross_tokenizer_teacher_trains_and_logs_its_counts(tiny_pair, sp_teacher, data, tmp_path):
-    raw = kd_config(tiny_pair, data, tmp_path / "out", models={"teacher": str(sp_teacher)}, training={"max_steps": 2})
+    raw = kd_config(
+        tiny_pair, data, tmp_path / "out", models={"teacher": str(sp_teacher)}, training={"max_steps": 2}
+    )
     metrics = train(raw)
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     logged = [h for h in history if "kd_loss" in h]
     assert logged and all(h["kd_loss"] > 0 for h in logged)
     name = "model"
-    assert all(0.5 < h[f"aligned_share/{name}"] <= 1.0 and 0.9 < h[f"mapped_mass/{name}"] <= 1.0 for h in logged)
+    assert all(
+        0.5 < h[f"aligned_share/{name}"] <= 1.0 and 0.9 < h[f"mapped_mass/{name}"] <= 1.0 for h in logged
+    )
     assert metrics["train_loss"] == metrics["train_loss"]  # finite
 
 
 @pytest.mark.parametrize("chunk_size", [0, 8])
-def test_teachers_with_and_without_the_students_tokenizer_together(tiny_pair, sp_teacher, data, tmp_path, chunk_size):
+def test_teachers_with_and_without_the_students_tokenizer_together(
+    tiny_pair, sp_teacher, data, tmp_path, chunk_size
+):
     teacher, _ = tiny_pair
     raw = kd_config(
         tiny_pair,

@@ -227,6 +227,7 @@ def test_multi_train_entry_point_and_tokenizer_check(
         models={"teacher": [str(teacher), str(mismatched_tokenizer_model)]},
     )
     raw["job_type"] = "kd_white_box_train_only_multi"
+    raw["distillation"]["cross_tokenizer"] = "off"  # tests/test_cross_tokenizer_training.py covers "auto"
     path = tmp_path / "multi.json"
     path.write_text(json.dumps(raw))
     with pytest.raises(SystemExit) as info:

@@ -24,7 +24,9 @@ class CrossPair:
     def __init__(self, student, teacher, template_path=None):
         for side, tok in (("student", student), ("teacher", teacher)):
             if getattr(tok, "backend_tokenizer", None) is None:
-                raise ValueError(f"cross-tokenizer distillation needs a fast tokenizer; the {side}'s is not one")
+                raise ValueError(
+                    f"cross-tokenizer distillation needs a fast tokenizer; the {side}'s is not one"
+                )
         self.student, self.teacher, self.template_path = student, teacher, template_path
         self.student_pieces = token_pieces(student.backend_tokenizer)
         self.teacher_pieces = token_pieces(teacher.backend_tokenizer)
@@ -61,7 +63,9 @@ class CrossPair:
             )
             if example is None:
                 continue
-            view = self.view(example.input_ids, [t != IGNORE_INDEX for t in example.labels], self.prefix(record))
+            view = self.view(
+                example.input_ids, [t != IGNORE_INDEX for t in example.labels], self.prefix(record)
+            )
             total.add(view.counts)
             outside += view.outside
         return total, outside

@@ -67,19 +67,25 @@ class FileTokenizer:
             out["offset_mapping"] = [tuple(o) for o in encoding.offsets]
         return out
 
-    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False, **extra):
+    def apply_chat_template(
+        self, messages, tokenize: bool = False, add_generation_prompt: bool = False, **extra
+    ):
         if tokenize:
             raise ValueError("FileTokenizer renders text only (tokenize=False)")
         if not self.chat_template:
             raise ValueError("the tokenizer has no chat template")
-        return _environment().from_string(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            eos_token=self.eos_token,
-            bos_token=self.bos_token,
-            pad_token=self.pad_token,
-            unk_token=self.unk_token,
-            **extra,
+        return (
+            _environment()
+            .from_string(self.chat_template)
+            .render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                eos_token=self.eos_token,
+                bos_token=self.bos_token,
+                pad_token=self.pad_token,
+                unk_token=self.unk_token,
+                **extra,
+            )
         )
 
 
@@ -90,7 +96,9 @@ def _environment():
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
     return env

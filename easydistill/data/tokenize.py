@@ -25,7 +25,9 @@ class TokenizedExample:
     prompt_len: int  # number of leading masked tokens
     sample_index: int = -1  # position in its split, set by build_dataset; -1 = not in a dataset
     split: str = "train"  # which split sample_index counts in ("train" or "eval"), set by build_dataset
-    messages: list[dict] | None = None  # the record's messages (a cross-tokenizer teacher renders its own prompt)
+    messages: list[dict] | None = (
+        None  # the record's messages (a cross-tokenizer teacher renders its own prompt)
+    )
 
 
 @dataclass

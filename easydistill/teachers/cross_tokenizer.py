@@ -11,9 +11,9 @@ cross-entropy only, and are counted (`take_counts`).
 
 from __future__ import annotations
 
-import torch
-
 import dataclasses
+
+import torch
 
 from easydistill.data.cross_pair import CrossPair, same_vocabulary
 from easydistill.data.tokenize import IGNORE_INDEX, SPLITS
@@ -74,7 +74,9 @@ class CrossTokenizerTeacher:
         counts = mask.sum(1).tolist()
         for b, (view, n) in enumerate(zip(views, counts)):
             if len(view.rows) != n:
-                raise RuntimeError(f"batch row {b}: {len(view.rows)} aligned label tokens for {n} label positions")
+                raise RuntimeError(
+                    f"batch row {b}: {len(view.rows)} aligned label tokens for {n} label positions"
+                )
         device = mask.device
         hidden = self._hidden(views, device)  # (B, L_t, H_t)
         n_total = sum(counts)
@@ -82,11 +84,24 @@ class CrossTokenizerTeacher:
         ids = torch.full((n_total, k), -1, dtype=torch.long, device=device)
         log_probs = torch.full((n_total, k), -torch.inf, device=device)
         tail = torch.zeros(n_total, device=device)
-        at, picks = 0, []  # picks: (student row, batch row, teacher position, first, gold, chain start, length)
+        at, picks = (
+            0,
+            [],
+        )  # picks: (student row, batch row, teacher position, first, gold, chain start, length)
         for b, view in enumerate(views):
             for j, row in enumerate(view.rows):
                 if row >= 0:
-                    picks.append((at + j, b, row, view.first[j], view.gold[j], view.chain_start[j], view.chain_length[j]))
+                    picks.append(
+                        (
+                            at + j,
+                            b,
+                            row,
+                            view.first[j],
+                            view.gold[j],
+                            view.chain_start[j],
+                            view.chain_length[j],
+                        )
+                    )
             at += len(view.rows)
         mapped = 0.0
         for start in range(0, len(picks), ROW_CHUNK):
@@ -131,7 +146,9 @@ class CrossTokenizerTeacher:
         lengths = chunk[:, 6]
         fraction = torch.zeros(chunk.shape[0], device=chunk.device)
         longer = (lengths > 1).nonzero().flatten().tolist()
-        for r in longer:  # CHAIN spans are rare (a student token made of several teacher tokens): one at a time
+        for (
+            r
+        ) in longer:  # CHAIN spans are rare (a student token made of several teacher tokens): one at a time
             b, start, length = int(chunk[r, 1]), int(chunk[r, 5]), int(lengths[r])
             positions = torch.arange(start, start + length - 1, device=chunk.device)  # predict start+1 ..
             targets = torch.tensor(views[b].teacher_ids[start + 1 : start + length], device=chunk.device)
