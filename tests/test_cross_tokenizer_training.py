@@ -166,3 +166,43 @@ def test_on_policy_samples_reach_the_cross_tokenizer_teacher(tiny_pair, sp_teach
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     logged = [h for h in history if "kd_loss" in h]
     assert logged[0]["on_policy_fraction"] == 1.0 and logged[0]["aligned_positions/model"] > 0
+
+
+def test_store_holds_rows_already_on_the_students_vocabulary(tiny_pair, sp_teacher, data, tmp_path):
+    """kd.infer for a teacher with another tokenizer stores its projected rows with the map's hash; training from
+    the store reads the same rows the online teacher gives, and a store made through another map is refused."""
+    from easydistill.config import load_config
+    from easydistill.errors import UserError
+    from easydistill.store.precompute import prepare_teacher_outputs
+    from easydistill.teachers.cached import CachedTeacher
+
+    store = tmp_path / "logits"
+    blocks = dict(
+        models={"teacher": str(sp_teacher)},
+        distillation={"cross_tokenizer_top_k": 32},
+        inference={"top_logits_num": 32, "batch_size": 3},
+    )
+    raw = kd_config(
+        tiny_pair,
+        data,
+        tmp_path / "out",
+        job_type="kd_white_box",
+        dataset={"logits_path": str(store)},
+        **blocks,
+    )
+    prepare_teacher_outputs(load_config(raw), log=lambda *a: None)
+    index = json.loads((store / "index.json").read_text())
+    online = prepare(kd_config(tiny_pair, data, tmp_path / "online", **blocks))
+    teacher = online.trainer.teachers[0]
+    assert index["vocab_map"] == teacher.map_hash and index["vocab_width"] == teacher.width
+    cfg = load_config(raw)
+    cached = CachedTeacher.open(cfg.teachers[0], cfg)
+    batch = first_batch(online)
+    mask = batch["labels"][:, 1:] != -100
+    stored, live = cached.rows(batch, mask), teacher.rows(batch, mask)
+    assert torch.equal(stored.ids, live.ids)
+    torch.testing.assert_close(stored.log_probs, live.log_probs, atol=2e-3, rtol=1e-3)  # fp16 on disk
+    index["vocab_map"] = "0" * 16
+    (store / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="went through vocabulary map"):
+        CachedTeacher.open(cfg.teachers[0], cfg)

@@ -12,12 +12,13 @@ describe exactly the ids training sees, train and eval examples alike. See docs/
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 
-from easydistill.data import DataStats, KDCollator, TokenizedExample, build_dataset, tokenized_hash
+from easydistill.data import SPLITS, DataStats, KDCollator, TokenizedExample, build_dataset, tokenized_hash
 from easydistill.errors import UserError
 from easydistill.store.topk import (
     StoreWriter,
@@ -84,8 +85,12 @@ def score_into_store(
     shard_bytes=None,
     source="",
     progress=True,
+    cross=None,
 ) -> Path:
-    """Teacher-forced forward over every train and eval example; one forward per `batch_size` examples."""
+    """Teacher-forced forward over every train and eval example; one forward per `batch_size` examples.
+
+    cross: a CrossTokenizerTeacher over `model`, when its tokenizer is not the student's: its rows (already on the
+    student's vocabulary) are stored, with the vocabulary map's hash in the index."""
     from tqdm.auto import tqdm
 
     writer = StoreWriter(
@@ -95,6 +100,7 @@ def score_into_store(
         samples=sample_list(train, evaluation),
         source=source,
         shard_bytes=shard_bytes,
+        vocab_map=None if cross is None else cross.map_hash,
     )
     todo = [
         (s, ex)
@@ -111,12 +117,17 @@ def score_into_store(
             chunk = todo[start : start + batch_size]
             batch = collate([ex for _, ex in chunk])
             mask = batch["labels"][:, 1:] != -100  # (B, T-1)
-            logits = model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits
-            ids, log_probs, tail = (
-                t.cpu().numpy() for t in top_k_rows(logits, mask.to(device), top_k, width)
-            )
+            if cross is None:
+                logits = model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).logits
+                rows = top_k_rows(logits, mask.to(device), top_k, width)
+            else:
+                batch["sample_split"] = torch.tensor([SPLITS.index(split) for split, _ in chunk])
+                batch["sample_index"] = torch.tensor([ex.sample_index for _, ex in chunk])
+                found = cross.rows({k: v.to(device) for k, v in batch.items()}, mask.to(device))
+                rows = (found.ids, found.log_probs, found.tail)
+            ids, log_probs, tail = (t.cpu().numpy() for t in rows)
             first = 0
             for (split, ex), n in zip(chunk, mask.sum(1).tolist()):
                 rows = slice(first, first + n)
@@ -223,8 +234,11 @@ def _score_teacher(cfg, spec, store: Path, shared: dict, shard_bytes, log) -> No
     tokenizer, train, evaluation = _examples(cfg, shared)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_frozen_teacher(spec.path, cfg, device)
-    width = vocab_width(cfg, model.config.get_text_config().vocab_size)
+    cross = cross_tokenizer_scorer(cfg, spec, model, tokenizer, train, evaluation)
+    width = vocab_width(cfg, None if cross else model.config.get_text_config().vocab_size)
     top_k = min(cfg.inference.top_logits_num, width)
+    if cross is not None:
+        cross.top_k = top_k  # the store's k, not distillation.cross_tokenizer_top_k
     log(
         f"teacher logits: {spec.path} scores {len(train)} train + {len(evaluation)} eval examples, top {top_k} -> {store}"
     )
@@ -239,10 +253,23 @@ def _score_teacher(cfg, spec, store: Path, shared: dict, shard_bytes, log) -> No
         batch_size=cfg.inference.batch_size,
         shard_bytes=shard_bytes,
         source=f"kd.infer:{spec.path}",
+        cross=cross,
     )
     del model  # the point of a store: the teacher's memory goes back before the student arrives
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def cross_tokenizer_scorer(cfg, spec, model, tokenizer, train, evaluation):
+    """A CrossTokenizerTeacher over the loaded teacher when its tokenizer is not the student's, else None."""
+    from easydistill.teachers.cross_tokenizer import CrossTokenizerTeacher, maybe_cross_tokenizer
+    from easydistill.teachers.online import OnlineTeacher
+
+    spec = dataclasses.replace(spec, kind="online")
+    teacher = maybe_cross_tokenizer(
+        OnlineTeacher(spec, model), cfg, tokenizer, {"train": train, "eval": evaluation}
+    )
+    return teacher if isinstance(teacher, CrossTokenizerTeacher) else None
 
 
 def with_labeled_path(cfg, path: Path):

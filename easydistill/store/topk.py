@@ -124,7 +124,17 @@ class StoreWriter:
     every one of them when `finish()` is called.
     """
 
-    def __init__(self, store, *, top_k: int, vocab_width: int, samples: dict, source: str, shard_bytes=None):
+    def __init__(
+        self,
+        store,
+        *,
+        top_k: int,
+        vocab_width: int,
+        samples: dict,
+        source: str,
+        shard_bytes=None,
+        vocab_map=None,
+    ):
         self.store, self.partial = Path(store), partial_path(Path(store))
         self.top_k, self.vocab_width, self.id_bytes = top_k, vocab_width, id_bytes_for(vocab_width)
         self.samples = {split: [list(p) for p in pairs] for split, pairs in samples.items()}
@@ -137,6 +147,10 @@ class StoreWriter:
             "source": source,
             "samples": self.samples,
         }
+        if (
+            vocab_map is not None
+        ):  # rows projected from another tokenizer: the hash of the map they went through
+            self.meta["vocab_map"] = vocab_map
         per_position = bytes_per_position(top_k, vocab_width)
         self.shard_positions = max(1, (shard_bytes or DEFAULT_SHARD_BYTES) // per_position)
         self.entries: dict[tuple[str, str], list] = {}  # (split, id) -> [shard, start, length, hash, crc]
@@ -274,6 +288,7 @@ class TopKLogitsStore:
             self.top_k, self.id_bytes = int(index["top_k"]), int(index["id_bytes"])
             self.vocab_width = int(index["vocab_width"])
             self.source = index.get("source", "")
+            self.vocab_map = index.get("vocab_map")  # None: the teacher shares the student's tokenizer
             self.splits = index["splits"]
             self._lookup = {s: {sid: i for i, sid in enumerate(c["ids"])} for s, c in self.splits.items()}
             shards = index["shards"]

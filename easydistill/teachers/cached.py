@@ -57,6 +57,8 @@ class CachedTeacher:
                 f"teacher {spec.name!r}: the store {path} covers {store.vocab_width} vocabulary columns but the "
                 f"student has {student_rows}; it was computed for another student"
             )
+        if store.vocab_map is not None:
+            check_vocab_map(store, spec, cfg, student_rows)
         return cls(spec, store)
 
     def _empty(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,3 +95,28 @@ class CachedTeacher:
         log_probs = torch.from_numpy(np.concatenate([p[1] for p in pieces]).astype(np.float32))
         tail = torch.from_numpy(np.concatenate([p[2] for p in pieces]).astype(np.float32))
         return SparseRows(ids, log_probs, tail, self.store.vocab_width).to(mask.device)
+
+
+def check_vocab_map(store: TopKLogitsStore, spec: TeacherSpec, cfg, student_rows: int) -> None:
+    """Rows projected from another tokenizer must have gone through the map this run would build (same
+    tokenizers, same student width); checked when the teacher's folder is still there to rebuild it from."""
+    import os
+
+    if not (spec.path and os.path.isdir(spec.path)):
+        print(
+            f"note: teacher {spec.name!r}: {store.path} holds projected rows (map {store.vocab_map}); no teacher "
+            "folder to check the map against"
+        )
+        return
+    from easydistill.data.cross_pair import CrossPair
+    from easydistill.loss.projection import map_digest
+    from easydistill.models import load_tokenizer
+
+    trust = cfg.models.trust_remote_code
+    pair = CrossPair(load_tokenizer(cfg.models.student, trust), load_tokenizer(spec.path, trust))
+    digest = map_digest(torch.tensor(pair.vocab_map.teacher_to_student), student_rows)
+    if digest != store.vocab_map:
+        raise UserError(
+            f"teacher {spec.name!r}: the rows in {store.path} went through vocabulary map {store.vocab_map}, but the "
+            f"tokenizers of {spec.path} and {cfg.models.student} give map {digest}: delete the store and run kd.infer"
+        )
