@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # `make test EXTRAS=dev` leaves it out. DS_BUILD_OPS=0: no DeepSpeed kernel is compiled at install time.
 EXTRAS ?= dev,deepspeed
 
-.PHONY: demo test test-all lint format bench bench-e2e docs clean
+.PHONY: demo demo-cross-tokenizer test test-all lint format bench bench-e2e docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)  ## quickstart: tiny teacher and student built offline, KD, figures before and after
 	$(PY) -m examples.quickstart
+
+demo-cross-tokenizer: $(STAMP)  ## the quickstart with a teacher of another tokenizer (docs/quickstart.md)
+	$(PY) -m examples.cross_tokenizer_demo
 
 test: $(STAMP)  ## the fast suite CI runs
 	$(PY) -m pytest -q

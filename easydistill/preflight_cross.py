@@ -65,6 +65,12 @@ def check_cross_pair(
     except ValueError as exc:
         problems.append(f"{where}: {exc}")
         return
+    if d.seq_kd:
+        problems.append(
+            f"{where}: distillation.seq_kd samples completions from the teacher, in its own tokens; a teacher with "
+            "another tokenizer than the student's cannot write them (use lmbda: the student samples, the teacher scores)"
+        )
+        return
     vmap = pair.vocab_map
     if vmap.overlap < d.cross_tokenizer_min_overlap:
         problems.append(

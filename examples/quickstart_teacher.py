@@ -55,8 +55,9 @@ def _source_hashes() -> dict[str, str]:
     }
 
 
-def teacher_key(recipe) -> str:
-    """Hash of what decides the teacher's weights: its recipe, the library versions, our source files."""
+def teacher_key(recipe, variant: dict | None = None) -> str:
+    """Hash of what decides the teacher's weights: its recipe, the library versions, our source files, and
+    `variant` (what another demo changes: architecture, tokenizer, template)."""
     import accelerate
     import tokenizers
     import torch
@@ -72,18 +73,23 @@ def teacher_key(recipe) -> str:
             accelerate.__version__,
         ],
         "sources": _source_hashes(),
+        **({"variant": variant} if variant else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def teacher_config(recipe, train_path: Path, init_dir: Path, out_dir: Path, quiet: bool) -> dict:
-    """Plain cross-entropy on the labels (a black-box job without a teacher) for the randomly initialised teacher."""
+def teacher_config(recipe, train_path: Path, init_dir: Path, out_dir: Path, quiet: bool, template="v1") -> dict:
+    """Plain cross-entropy on the labels (a black-box job without a teacher) for the randomly initialised teacher.
+    template: "v1" (the v1 ChatML Jinja file), or None for the tokenizer's own chat template."""
     from easydistill.data import V1_TEMPLATE
 
+    dataset = {"labeled_path": str(train_path)}
+    if template == "v1":
+        dataset["template"] = str(V1_TEMPLATE)
     return {
         "$comment": "The quickstart's teacher: cross-entropy on the synthetic task, built by examples.quickstart",
         "job_type": "kd_black_box_train_only",
-        "dataset": {"labeled_path": str(train_path), "template": str(V1_TEMPLATE)},
+        "dataset": dataset,
         "distillation": {"max_seq_length": 64},
         "models": {"student": str(init_dir)},
         "training": {
@@ -104,27 +110,40 @@ def teacher_config(recipe, train_path: Path, init_dir: Path, out_dir: Path, quie
     }
 
 
-def cached_teacher(recipe, tokenizer, train_path: Path, cache_root: Path, quiet: bool) -> tuple[Path, bool]:
-    """(teacher folder, reused?). Trained in a temporary sibling and renamed into place when complete."""
+def cached_teacher(
+    recipe,
+    tokenizer,
+    train_path: Path,
+    cache_root: Path,
+    quiet: bool,
+    *,
+    arch: str = "qwen2",
+    template="v1",
+    name: str = "quickstart-teacher",
+    variant: dict | None = None,
+) -> tuple[Path, bool]:
+    """(teacher folder, reused?). Trained in a temporary sibling and renamed into place when complete.
+    arch, template (see `teacher_config`), name and variant (part of the cache key) let another demo train a
+    teacher of its own, e.g. with another tokenizer (examples/cross_tokenizer_demo.py)."""
     from easydistill.config import load_config
     from easydistill.train.trainer import run_training
 
-    key = teacher_key(recipe)
-    final = cache_root / f"quickstart-teacher-{key}"
+    key = teacher_key(recipe, variant)
+    final = cache_root / f"{name}-{key}"
     if (final / TEACHER_MARKER).is_file():
         print0(f"teacher: reusing the cached teacher {final}")
         return final, True
     print0(f"teacher: training once with cross-entropy, {recipe.teacher_steps} steps (cached as {final})")
     cache_root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".quickstart-teacher-{key}-", dir=cache_root))
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-{key}-", dir=cache_root))
     try:
         rows = (len(tokenizer) // 64 + 1) * 64  # padded embedding rows, as Qwen ships them
         init = tiny_models.build_model(
-            work / "init", tokenizer=tokenizer, padded_vocab=rows, seed=recipe.seed, **tiny_models.TEACHER
+            work / "init", arch=arch, tokenizer=tokenizer, padded_vocab=rows, seed=recipe.seed, **tiny_models.TEACHER
         )
         out = work / "teacher"
         started = time.perf_counter()
-        metrics = run_training(load_config(teacher_config(recipe, train_path, init, out, quiet)))
+        metrics = run_training(load_config(teacher_config(recipe, train_path, init, out, quiet, template)))
         marker = {"key": key, "recipe": dataclasses.asdict(recipe), "seconds": time.perf_counter() - started}
         marker["train_loss"] = metrics.get("train_loss")
         (out / TEACHER_MARKER).write_text(json.dumps(marker, indent=2) + "\n")

@@ -248,9 +248,10 @@ def test_projection_matches_a_float64_reference_and_keeps_all_mass(top_k):
     ref = dense_reference(logits, vmap, width, first, gold, log_fraction)
     total = torch.logsumexp(torch.cat([out.log_probs, out.tail.unsqueeze(-1)], -1), -1)
     torch.testing.assert_close(total, torch.zeros(n), atol=1e-6, rtol=0)
-    got = ref[:, :width].gather(-1, out.ids)
-    torch.testing.assert_close(out.log_probs.double(), got.log(), atol=1e-5, rtol=1e-5)
-    assert torch.equal(got, ref[:, :width].topk(top_k, -1).values)  # really the top k
+    kept = out.ids >= 0
+    got = ref[:, :width].gather(-1, out.ids.clamp(min=0)).masked_fill(~kept, 0.0)
+    torch.testing.assert_close(out.log_probs.double()[kept], got[kept].log(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got, ref[:, :width].topk(min(top_k, width - 1), -1).values)  # really the top k
     torch.testing.assert_close(out.mapped_mass.double(), ref[:, :width].sum(-1), atol=1e-6, rtol=0)
 
 
@@ -265,10 +266,20 @@ def test_identity_projection_is_the_teachers_own_distribution():
         gold=torch.arange(5),
         log_fraction=torch.zeros(5),
     )
+    assert out.ids.shape == (5, 15)  # one id stays in the tail, as the student's counterpart of the residual
+    log_p = torch.log_softmax(logits, -1)
     dense = torch.full((5, 16), float("nan")).scatter(-1, out.ids, out.log_probs)
-    torch.testing.assert_close(dense, torch.log_softmax(logits, -1), atol=1e-6, rtol=1e-6)
-    assert torch.isneginf(out.tail).all()
+    left = dense.isnan()
+    torch.testing.assert_close(dense[~left], log_p[~left], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.tail, log_p[left], atol=1e-5, rtol=1e-5)  # the one id left out
     torch.testing.assert_close(out.mapped_mass, torch.ones(5))
+
+
+def test_ids_without_teacher_mass_are_left_to_the_tail():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    out = project_rows(logits, torch.tensor([0, -1, 0]), 4, top_k=3)  # one student id reached, one residual
+    assert out.ids.tolist() == [[0, -1, -1]]
+    torch.testing.assert_close(out.tail.exp(), torch.softmax(logits, -1)[:, 1])
 
 
 def test_chain_log_fraction_sums_the_following_tokens():

@@ -206,3 +206,26 @@ def test_store_holds_rows_already_on_the_students_vocabulary(tiny_pair, sp_teach
     (store / "index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="went through vocabulary map"):
         CachedTeacher.open(cfg.teachers[0], cfg)
+
+
+def test_demo_runs_end_to_end(tmp_path, monkeypatch):
+    """examples.cross_tokenizer_demo --fast: a teacher of another tokenizer trained, KD and CE-only students,
+    held-out figures on the teacher's projected distribution."""
+    import math
+
+    from examples import cross_tokenizer_demo
+
+    monkeypatch.setenv("EASYDISTILL_CACHE", str(tmp_path / "cache"))
+    assert cross_tokenizer_demo.main(["--fast", "--workdir", str(tmp_path / "demo")]) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert "cross-tokenizer distillation" in report["preflight"][0]
+    assert 0.9 <= report["alignment"]["aligned_share"] <= 1.0 and report["alignment"]["mapped_mass"] > 0.9
+    rows = report["rows"]
+    assert all(math.isfinite(r[k]) for r in rows.values() for k in ("ce", "kl", "top1_agreement"))
+    assert rows["student_kd"]["kl"] < rows["student_before"]["kl"]  # three KD steps move towards the teacher
+
+
+def test_seq_kd_with_a_cross_tokenizer_teacher_is_refused(tiny_pair, sp_teacher, data, tmp_path, capsys):
+    raw = kd_config(tiny_pair, data, tmp_path / "out", models={"teacher": str(sp_teacher)}, distillation={"seq_kd": True})
+    code, _, err = run_validate(raw, tmp_path, capsys)
+    assert code == 2 and "seq_kd" in err and "another tokenizer" in err

@@ -13,7 +13,8 @@ spans (log_fraction 0), the chain-rule product of the teacher's next tokens for 
 
 The result is stored the way stored teachers are (`SparseRows`): the top k student ids, their log q, and the
 tail log(r + the mass of the other student ids), so every loss path, the store and the combine modes take it
-unchanged; with k = W and nothing unmapped the tail is empty and the divergences are exact.
+unchanged. k is at most W − 1, so the student always has mass in the tail to answer the residual with; with
+k = W − 1 and nothing unmapped the tail is one token and the divergences are exact.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def project_rows(
     gold: Tensor | None = None,
     log_fraction: Tensor | None = None,
 ) -> ProjectedRows:
-    """(n, V_t) teacher logits at temperature 1 -> the top_k of q over the student's W = student_width ids.
+    """(n, V_t) teacher logits at temperature 1 -> the top min(top_k, W − 1) of q over the student's W ids
+    (W = student_width); ids the teacher gives no mass come back as -1.
 
     teacher_to_student (M,) int64, M <= V_t the teacher's real vocabulary (columns past M are padding rows and
     are left out of the softmax), entries in [-1, W). first (n,) teacher ids (-1: no routing), gold (n,) student
@@ -64,7 +66,9 @@ def project_rows(
         )
     if teacher_to_student.numel() and int(teacher_to_student.max()) >= student_width:
         raise ValueError(f"the map sends a teacher id past the student's width {student_width}")
-    k = min(top_k, student_width)
+    # At least one student id stays in the tail: the teacher's residual needs a student counterpart there (the
+    # student's mass outside the kept ids), or a row with residual mass would give an unbounded divergence.
+    k = max(1, min(top_k, student_width - 1))
     p = torch.softmax(teacher_logits[:, :m].float(), dim=-1)  # (n, M)
     moved = p.new_zeros(n)
     routed = None
@@ -83,6 +87,9 @@ def project_rows(
     top, ids = q[:, :student_width].topk(k, dim=-1)  # (n, k)
     # The tail is summed from what is left, not taken as 1 − Σ top: no cancellation when the tail is tiny.
     rest = q.scatter(-1, ids, 0.0).sum(-1)
+    # An id the teacher gives nothing (fewer reachable ids than k) is not kept: the student's mass there joins
+    # its tail, where the teacher's residual is.
+    ids = ids.masked_fill(top <= 0, -1)
     return ProjectedRows(ids, top.log(), rest.log(), mapped_mass)
 
 

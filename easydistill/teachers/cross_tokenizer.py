@@ -80,7 +80,7 @@ class CrossTokenizerTeacher:
         device = mask.device
         hidden = self._hidden(views, device)  # (B, L_t, H_t)
         n_total = sum(counts)
-        k = min(self.top_k, self.width)
+        k = max(1, min(self.top_k, self.width - 1))  # as project_rows keeps
         ids = torch.full((n_total, k), -1, dtype=torch.long, device=device)
         log_probs = torch.full((n_total, k), -torch.inf, device=device)
         tail = torch.zeros(n_total, device=device)
