@@ -191,7 +191,7 @@ def evaluate_folder(cfg, folder: Path, *, generate: bool = True, reference=None,
     examples = examples[: options.max_samples or None]
     found, basis = exact_match.plan(eval_records(cfg, examples), options.exact_match, reference)
     model = load_evaluated(cfg, folder).to(device)
-    teachers = eval_teachers(cfg, model, device)
+    teachers = eval_teachers(cfg, model, device, tokenizer, examples)
     log(f"evaluating {folder} on {len(examples)} eval examples; exact match: {basis}")
     result = evaluate_models(
         model,
@@ -207,12 +207,14 @@ def evaluate_folder(cfg, folder: Path, *, generate: bool = True, reference=None,
     return {"config": cfg.source, "model": str(folder), "exact_match_basis": basis, **result}
 
 
-def eval_teachers(cfg, model, device):
+def eval_teachers(cfg, model, device, tokenizer=None, examples=None):
     """The config's teachers for evaluating `model` (teachers.build_teachers, as training builds them), less
-    stores without eval rows."""
+    stores without eval rows. With the student's tokenizer and the eval examples, a teacher of another
+    tokenizer is compared through its projection (CrossTokenizerTeacher)."""
     from easydistill.teachers import build_teachers
 
-    return with_eval_rows(build_teachers(cfg, model, device))
+    given = None if tokenizer is None else {"train": [], "eval": examples}
+    return with_eval_rows(build_teachers(cfg, model, device, tokenizer=tokenizer, examples=given))
 
 
 def with_eval_rows(teachers, log=print0) -> list:
