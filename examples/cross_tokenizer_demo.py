@@ -55,7 +55,9 @@ def heldout_rows(folders: dict[str, Path], teacher_dir: Path, student_tokenizer,
     pair = CrossPair(student_tokenizer, AutoTokenizer.from_pretrained(teacher_dir))
     spec = TeacherSpec("teacher", "online", str(teacher_dir), None, 1.0, 1.0)
     width = len(student_tokenizer)
-    teacher = CrossTokenizerTeacher(OnlineTeacher(spec, model), pair, {"train": examples}, student_width=width, top_k=width)
+    teacher = CrossTokenizerTeacher(
+        OnlineTeacher(spec, model), pair, {"train": examples}, student_width=width, top_k=width
+    )
     rows = {}
     for name, folder in folders.items():
         student = AutoModelForCausalLM.from_pretrained(folder)
@@ -66,7 +68,9 @@ def heldout_rows(folders: dict[str, Path], teacher_dir: Path, student_tokenizer,
             "ce": got["model"]["ce"],
             "kl": versus["kl"],
             "top1_agreement": versus["top1_agreement"],
-            "exact_match": exact_match_rate(student, student_tokenizer, heldout, reference=synthetic.reference()),
+            "exact_match": exact_match_rate(
+                student, student_tokenizer, heldout, reference=synthetic.reference()
+            ),
         }
         counts = teacher.take_counts()
     rows["alignment"] = {
@@ -89,16 +93,27 @@ def run(workdir: Path, recipe: quickstart.Recipe, *, quiet: bool = False) -> dic
     kd["dataset"].pop("eval_path")  # held-out figures are taken at the end, below
     kd["training"].pop("eval_strategy")
     kd["training"].pop("eval_steps", None)
-    kd["$comment"] = "examples.cross_tokenizer_demo: configs/quickstart.json with a teacher of another tokenizer"
+    kd["$comment"] = (
+        "examples.cross_tokenizer_demo: configs/quickstart.json with a teacher of another tokenizer"
+    )
     ce_only = quickstart.ce_only_config(kd, workdir)
-    for owned in (data_dir, models_dir, Path(kd["training"]["output_dir"]), Path(ce_only["training"]["output_dir"])):
+    for owned in (
+        data_dir,
+        models_dir,
+        Path(kd["training"]["output_dir"]),
+        Path(ce_only["training"]["output_dir"]),
+    ):
         shutil.rmtree(owned, ignore_errors=True)
     train, heldout, n_wrong = quickstart.write_data(recipe, data_dir)
-    print0(f"[1/4] data: {len(train)} records ({n_wrong} of the students' labels wrong), {len(heldout)} held out")
+    print0(
+        f"[1/4] data: {len(train)} records ({n_wrong} of the students' labels wrong), {len(heldout)} held out"
+    )
 
     teacher_tokenizer = build_sentencepiece_tokenizer(synthetic.corpus(), TEACHER_VOCAB)
     variant = {"tokenizer": "sentencepiece-bpe", "vocab": TEACHER_VOCAB, "arch": "llama", "template": "own"}
-    print0(f"[2/4] teacher: Llama, sentencepiece-style BPE ({len(teacher_tokenizer)} tokens), its own template")
+    print0(
+        f"[2/4] teacher: Llama, sentencepiece-style BPE ({len(teacher_tokenizer)} tokens), its own template"
+    )
     cached, _ = cached_teacher(
         recipe,
         teacher_tokenizer,
@@ -115,7 +130,10 @@ def run(workdir: Path, recipe: quickstart.Recipe, *, quiet: bool = False) -> dic
     student_tokenizer = tiny_models.build_tokenizer()
     student_dir = models_dir / "student"
     tiny_models.build_model(
-        student_dir, tokenizer=student_tokenizer, seed=recipe.seed + 1 + recipe.student_seed, **tiny_models.STUDENT
+        student_dir,
+        tokenizer=student_tokenizer,
+        seed=recipe.seed + 1 + recipe.student_seed,
+        **tiny_models.STUDENT,
     )
     print0(f"[3/4] student: Qwen2, byte-level BPE ({len(student_tokenizer)} tokens); KD, then CE-only")
     (workdir / "kd_config.json").write_text(json.dumps(kd, indent=2) + "\n")
@@ -149,25 +167,33 @@ def run(workdir: Path, recipe: quickstart.Recipe, *, quiet: bool = False) -> dic
 def print_report(result: dict, workdir: Path) -> None:
     a = result["alignment"]
     print0(f"\nheld-out: {result['n_heldout']} records; {a['vocabulary']}")
-    print0(f"aligned label positions {a['aligned_share']:.1%}, teacher mass on student ids {a['mapped_mass']:.4f}")
+    print0(
+        f"aligned label positions {a['aligned_share']:.1%}, teacher mass on student ids {a['mapped_mass']:.4f}"
+    )
     head = f"{'':24s}{'CE/token':>12s}{'KL(T~>S)/tok':>14s}{'top-1 agree':>13s}{'exact match':>13s}"
     print0(head + "\n" + "-" * len(head))
     for name in ROWS:
         r = result["rows"][name]
-        print0(
-            f"{name:24s}{r['ce']:12.4g}{r['kl']:14.4g}{r['top1_agreement']:13.4f}{r['exact_match']:13.4f}"
-        )
+        print0(f"{name:24s}{r['ce']:12.4g}{r['kl']:14.4g}{r['top1_agreement']:13.4f}{r['exact_match']:13.4f}")
     versus = result["kd_vs_ce_only"]
     print0(f"KD vs CE-only: KL {versus['kl']['verdict']}; exact match {versus['exact_match']['verdict']}")
     print0(f"report: {workdir / 'report.json'}  ({result['wall_time_s']:.0f} s)")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.cross_tokenizer_demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default=SHIPPED_WORKDIR, help=f"where data, models and report go ({SHIPPED_WORKDIR})")
-    parser.add_argument("--steps", type=int, help="student steps for KD and the baseline (default: the quickstart's)")
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.cross_tokenizer_demo", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--workdir", default=SHIPPED_WORKDIR, help=f"where data, models and report go ({SHIPPED_WORKDIR})"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="student steps for KD and the baseline (default: the quickstart's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="student initialisation and data order")
-    parser.add_argument("--fast", action="store_true", help="a few steps on tiny data: a smoke run in seconds")
+    parser.add_argument(
+        "--fast", action="store_true", help="a few steps on tiny data: a smoke run in seconds"
+    )
     args = parser.parse_args(argv)
     import torch
 

@@ -78,7 +78,9 @@ def teacher_key(recipe, variant: dict | None = None) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def teacher_config(recipe, train_path: Path, init_dir: Path, out_dir: Path, quiet: bool, template="v1") -> dict:
+def teacher_config(
+    recipe, train_path: Path, init_dir: Path, out_dir: Path, quiet: bool, template="v1"
+) -> dict:
     """Plain cross-entropy on the labels (a black-box job without a teacher) for the randomly initialised teacher.
     template: "v1" (the v1 ChatML Jinja file), or None for the tokenizer's own chat template."""
     from easydistill.data import V1_TEMPLATE
@@ -139,7 +141,12 @@ def cached_teacher(
     try:
         rows = (len(tokenizer) // 64 + 1) * 64  # padded embedding rows, as Qwen ships them
         init = tiny_models.build_model(
-            work / "init", arch=arch, tokenizer=tokenizer, padded_vocab=rows, seed=recipe.seed, **tiny_models.TEACHER
+            work / "init",
+            arch=arch,
+            tokenizer=tokenizer,
+            padded_vocab=rows,
+            seed=recipe.seed,
+            **tiny_models.TEACHER,
         )
         out = work / "teacher"
         started = time.perf_counter()

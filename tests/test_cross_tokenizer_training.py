@@ -226,6 +226,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch):
 
 
 def test_seq_kd_with_a_cross_tokenizer_teacher_is_refused(tiny_pair, sp_teacher, data, tmp_path, capsys):
-    raw = kd_config(tiny_pair, data, tmp_path / "out", models={"teacher": str(sp_teacher)}, distillation={"seq_kd": True})
+    raw = kd_config(
+        tiny_pair, data, tmp_path / "out", models={"teacher": str(sp_teacher)}, distillation={"seq_kd": True}
+    )
     code, _, err = run_validate(raw, tmp_path, capsys)
     assert code == 2 and "seq_kd" in err and "another tokenizer" in err
