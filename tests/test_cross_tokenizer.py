@@ -17,7 +17,7 @@ from easydistill.data import render_and_tokenize, render_prompt
 from easydistill.data.alignment import CHAIN, EXACT, INTERIOR, KINDS, PREFIX, align, spans_from_pieces
 from easydistill.data.cross_view import student_to_teacher_specials, teacher_view
 from easydistill.data.vocab_map import build_vocab_map, special_pairs, token_pieces, vocab_map_for
-from easydistill.loss.projection import chain_log_fraction, map_digest, project_rows
+from easydistill.loss.projection import chain_log_fraction, map_digest, project_pairs, project_rows
 
 ATOMS = [
     "0", "7", "12", "345", "2024", "3.14", "-8", " ", "  ", "   ", "\n", "\n\n", "\t", " \n ", "a", "the",
@@ -200,7 +200,7 @@ def test_teacher_view_reads_the_response_through_its_own_template(tokenizers_pai
         n = sum(labels)
         assert len(view.rows) == len(view.first) == len(view.gold) == len(view.chain_length) == n
         assert view.counts.tokens + view.outside == n
-        assert view.counts.aligned == sum(r >= 0 for r in view.rows)
+        assert view.counts.aligned + view.counts.conditioned == sum(r >= 0 for r in view.rows)
         assert view.gold == [t for t in ex.labels if t != -100]
         for row, first, start, length in zip(view.rows, view.first, view.chain_start, view.chain_length):
             if first >= 0:
@@ -212,6 +212,14 @@ def test_teacher_view_reads_the_response_through_its_own_template(tokenizers_pai
                     for k in range(start, start + length)
                 )
                 assert routed  # the routed teacher tokens exist in the teacher's sequence
+        # interior tokens conditioned on the teacher token they start inside: its bytes begin with what is
+        # written, and the rest of the teacher token starts where the student token does
+        assert view.counts.conditioned <= view.counts.by_kind[INTERIOR]
+        assert view.counts.conditioned == sum(c is not None for c in view.consumed)
+        for row, written in zip(view.rows, view.consumed):
+            if written is not None:
+                piece = t_pieces[view.teacher_ids[row + 1]]
+                assert isinstance(piece, bytes) and piece.startswith(written) and len(piece) > len(written)
         # the end of turn reaches the teacher as its own end of turn, aligned one to one
         assert view.first[-2] == teacher.eos_token_id and view.gold[-2] == student.eos_token_id
 
@@ -280,6 +288,32 @@ def test_ids_without_teacher_mass_are_left_to_the_tail():
     out = project_rows(logits, torch.tensor([0, -1, 0]), 4, top_k=3)  # one student id reached, one residual
     assert out.ids.tolist() == [[0, -1, -1]]
     torch.testing.assert_close(out.tail.exp(), torch.softmax(logits, -1)[:, 1])
+
+
+def test_conditioned_rows_renormalise_the_listed_teacher_entries():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 10, generator=gen) * 2
+    row_of = torch.tensor([0, 0, 0, 1, 1, 2])
+    teacher_ids = torch.tensor([1, 4, 7, 2, 3, 5])
+    targets = torch.tensor([0, 0, -1, 3, 2, 1])
+    out = project_pairs(logits, row_of, teacher_ids, targets, 5, top_k=4, teacher_vocab=8)
+    p = torch.softmax(logits[:, :8].double(), -1)
+    expected = torch.zeros(3, 6, dtype=torch.float64)
+    for r, i, t in zip(row_of.tolist(), teacher_ids.tolist(), targets.tolist()):
+        expected[r, t if t >= 0 else 5] += p[r, i]
+    expected /= expected.sum(-1, keepdim=True)
+    dense = torch.zeros(3, 5, dtype=torch.float64)
+    kept = out.ids >= 0
+    dense[kept.nonzero()[:, 0], out.ids[kept]] = out.log_probs[kept].double().exp()
+    torch.testing.assert_close(dense, expected[:, :5], atol=1e-6, rtol=1e-5)
+    total = torch.logsumexp(torch.cat([out.log_probs, out.tail.unsqueeze(-1)], -1), -1)
+    torch.testing.assert_close(total, torch.zeros(3), atol=1e-6, rtol=0)
+    empty = project_pairs(
+        logits, torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), 5, top_k=4, teacher_vocab=8
+    )
+    assert (empty.ids[1:] < 0).all() and torch.equal(
+        empty.tail[1:], torch.zeros(2)
+    )  # nothing listed: residual
 
 
 def test_chain_log_fraction_sums_the_following_tokens():

@@ -19,7 +19,8 @@ first teacher token reaches the student's token depends on the span (see docs/lo
               only the vocabulary map carries the teacher's distribution
 
 Every other student token is INTERIOR (it starts inside an aligned span, after text the teacher never
-conditioned on): it gets no teacher row. Nothing is dropped silently: `AlignmentCounts` adds up to the tokens
+conditioned on): the caller may still condition the teacher's row on the bytes already written
+(data/cross_view.py), else it gets no teacher row. Nothing is dropped silently: `AlignmentCounts` adds up to the tokens
 and characters given. Pure Python; the tokenizers are the caller's.
 """
 
@@ -41,6 +42,7 @@ class AlignmentCounts:
     chars: int = 0  # characters those tokens cover
     aligned_chars: int = 0  # characters of the aligned student tokens
     by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    conditioned: int = 0  # interior tokens given the teacher's distribution conditioned on the written text
 
     @property
     def aligned(self) -> int:
@@ -50,6 +52,7 @@ class AlignmentCounts:
         self.tokens += other.tokens
         self.chars += other.chars
         self.aligned_chars += other.aligned_chars
+        self.conditioned += other.conditioned
         for k in KINDS:
             self.by_kind[k] += other.by_kind[k]
         return self
@@ -57,8 +60,9 @@ class AlignmentCounts:
     def summary(self) -> str:
         share = self.aligned_chars / self.chars if self.chars else 0.0
         kinds = ", ".join(f"{self.by_kind[k]} {k}" for k in KINDS if self.by_kind[k])
+        inside = f" ({self.conditioned} conditioned on the teacher's token)" if self.by_kind[INTERIOR] else ""
         return (
-            f"{self.aligned}/{self.tokens} student tokens aligned ({kinds or 'none'}); "
+            f"{self.aligned}/{self.tokens} student tokens aligned ({kinds or 'none'}{inside}); "
             f"{share:.1%} of {self.chars} response characters in aligned tokens"
         )
 
@@ -96,7 +100,7 @@ class Alignment:
         return out
 
 
-def _openers(spans: Sequence[tuple[int, int]]) -> list[bool]:
+def openers(spans: Sequence[tuple[int, int]]) -> list[bool]:
     """Whether each token opens a boundary: it covers characters and none of them is shared with an earlier
     token (byte pieces of one character overlap the piece before them; empty spans open nothing)."""
     out, reached = [], 0
@@ -118,7 +122,7 @@ def align(
     bytes given, CHAIN and PREFIX are also checked byte for byte (pieces of one character share a span, so
     characters alone cannot tell which piece holds which bytes); a span that fails is CROSSING.
     """
-    s_open, t_open = _openers(student), _openers(teacher)
+    s_open, t_open = openers(student), openers(teacher)
     teacher_at = {span[0]: i for i, (span, opens) in enumerate(zip(teacher, t_open)) if opens}
     common = {s for (s, _), o in zip(student, s_open) if o} & set(teacher_at)
     # next opening student token after j (index), and the teacher token that opens the next common boundary

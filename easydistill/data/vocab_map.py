@@ -112,6 +112,24 @@ class VocabMap:
         )
 
 
+def student_index(student: list[Piece]) -> dict[Piece, int]:
+    """What each student entry stands for -> its id (the lowest id when two stand for the same)."""
+    index: dict[Piece, int] = {}
+    for j, piece in enumerate(student):
+        if piece is not None and piece != b"":
+            index.setdefault(piece, j)
+    return index
+
+
+def longest_prefix(text: bytes, index: dict[Piece, int], longest: int) -> int:
+    """The id of the longest student entry that begins `text` (itself included), -1 when none does."""
+    for length in range(min(len(text), longest), 0, -1):
+        target = index.get(text[:length], -1)
+        if target >= 0:
+            return target
+    return -1
+
+
 def build_vocab_map(
     teacher: list[Piece], student: list[Piece], special_pairs: dict[str, str] | None = None
 ) -> VocabMap:
@@ -121,10 +139,7 @@ def build_vocab_map(
     teacher's end of turn "</s>" -> the student's "<|im_end|>"); specials with equal content pair by default.
     """
     special_pairs = special_pairs or {}
-    index: dict[Piece, int] = {}
-    for j, piece in enumerate(student):
-        if piece is not None and piece != b"":
-            index.setdefault(piece, j)
+    index = student_index(student)
     longest = max((len(p) for p in index if isinstance(p, bytes)), default=0)
     out, exact, prefix, hit = [], 0, 0, set()
     for piece in teacher:
@@ -134,11 +149,8 @@ def build_vocab_map(
             exact += 1
             hit.add(target)
         elif isinstance(piece, bytes):
-            for length in range(min(len(piece) - 1, longest), 0, -1):
-                target = index.get(piece[:length], -1)
-                if target >= 0:
-                    prefix += 1
-                    break
+            target = longest_prefix(piece[:-1], index, longest)
+            prefix += target >= 0
         out.append(target)
     unmapped = len(out) - exact - prefix
     entries = sum(1 for p in student if p is not None and p != b"")
@@ -163,3 +175,34 @@ def vocab_map_for(teacher, student) -> VocabMap:
         token_pieces(student.backend_tokenizer),
         special_pairs(teacher, student),
     )
+
+
+class Continuations:
+    """Where the teacher's distribution goes once part of its next entry is already written (cross-tokenizer
+    positions inside a teacher token): for consumed bytes c, the teacher entries that begin with c, and for each
+    the student entry that begins the rest (longest prefix, as the map does); an entry equal to c maps to -1,
+    the residual, since what follows it is the next teacher token's to say. Built lazily, cached per c."""
+
+    MAX_CONSUMED = 32  # bytes; longer consumed prefixes (rare: a teacher entry that long) give no row
+
+    def __init__(self, teacher: list[Piece], student: list[Piece]):
+        self.teacher = teacher
+        self.index = student_index(student)
+        self.longest = max((len(p) for p in self.index if isinstance(p, bytes)), default=0)
+        self._by_prefix: dict[bytes, list[int]] | None = None
+        self._cache: dict[bytes, tuple[list[int], list[int]]] = {}
+
+    def __call__(self, consumed: bytes) -> tuple[list[int], list[int]]:
+        """(teacher ids that begin with `consumed`, their student targets or -1)."""
+        if consumed in self._cache:
+            return self._cache[consumed]
+        if self._by_prefix is None:
+            self._by_prefix = {}
+            for i, piece in enumerate(self.teacher):
+                if isinstance(piece, bytes):
+                    for n in range(1, min(len(piece), self.MAX_CONSUMED) + 1):
+                        self._by_prefix.setdefault(piece[:n], []).append(i)
+        ids = self._by_prefix.get(consumed, []) if consumed else []
+        targets = [longest_prefix(self.teacher[i][len(consumed) :], self.index, self.longest) for i in ids]
+        self._cache[consumed] = (ids, targets)
+        return ids, targets

@@ -66,9 +66,6 @@ def project_rows(
         )
     if teacher_to_student.numel() and int(teacher_to_student.max()) >= student_width:
         raise ValueError(f"the map sends a teacher id past the student's width {student_width}")
-    # At least one student id stays in the tail: the teacher's residual needs a student counterpart there (the
-    # student's mass outside the kept ids), or a row with residual mass would give an unbounded divergence.
-    k = max(1, min(top_k, student_width - 1))
     p = torch.softmax(teacher_logits[:, :m].float(), dim=-1)  # (n, M)
     moved = p.new_zeros(n)
     routed = None
@@ -83,6 +80,14 @@ def project_rows(
     q = p.new_zeros(n, student_width + 1).scatter_add_(-1, target.expand(n, m), p)
     if routed is not None:
         q.scatter_add_(-1, torch.where(routed, gold, student_width).unsqueeze(-1), moved.unsqueeze(-1))
+    return _top_k(q, student_width, top_k)
+
+
+def _top_k(q: Tensor, student_width: int, top_k: int) -> ProjectedRows:
+    """(n, W + 1) masses (last column: the residual) -> the kept ids, their log-masses and the tail."""
+    # At least one student id stays in the tail: the teacher's residual needs a student counterpart there (the
+    # student's mass outside the kept ids), or a row with residual mass would give an unbounded divergence.
+    k = max(1, min(top_k, student_width - 1))
     mapped_mass = q[:, :student_width].sum(-1)
     top, ids = q[:, :student_width].topk(k, dim=-1)  # (n, k)
     # The tail is summed from what is left, not taken as 1 − Σ top: no cancellation when the tail is tiny.
@@ -91,6 +96,39 @@ def project_rows(
     # its tail, where the teacher's residual is.
     ids = ids.masked_fill(top <= 0, -1)
     return ProjectedRows(ids, top.log(), rest.log(), mapped_mass)
+
+
+def project_pairs(
+    teacher_logits: Tensor,
+    row_of: Tensor,
+    teacher_ids: Tensor,
+    targets: Tensor,
+    student_width: int,
+    *,
+    top_k: int,
+    teacher_vocab: int,
+) -> ProjectedRows:
+    """Rows whose teacher distribution is *conditioned*: only the listed teacher ids count, renormalised.
+
+    teacher_logits (n, V_t); pairs (row_of (m,), teacher_ids (m,), targets (m,) in [-1, W)): row r keeps the
+    teacher ids listed for it, each sent to its target (-1: the residual). Per row
+
+        q(v) = Σ_{listed w : target(w) = v} p(w) / Σ_{listed w} p(w)
+
+    over the softmax p of the first `teacher_vocab` columns: the teacher's next-token distribution given that
+    its next entry begins with text already written (docs/losses.md, "Cross-tokenizer teachers"). A row with
+    nothing listed (or no mass on what is) is all residual.
+    """
+    n = teacher_logits.shape[0]
+    p = torch.softmax(teacher_logits[:, :teacher_vocab].float(), dim=-1)  # (n, M)
+    mass = p[row_of, teacher_ids]  # (m,)
+    total = p.new_zeros(n).index_add_(0, row_of, mass)
+    column = torch.where(targets >= 0, targets, student_width)
+    q = p.new_zeros(n, student_width + 1).index_put_((row_of, column), mass, accumulate=True)
+    empty = total <= 0
+    q = q / total.clamp(min=torch.finfo(q.dtype).tiny).unsqueeze(-1)
+    q[empty, student_width] = 1.0
+    return _top_k(q, student_width, top_k)
 
 
 def chain_log_fraction(token_log_probs: Tensor, starts: Tensor, lengths: Tensor) -> Tensor:

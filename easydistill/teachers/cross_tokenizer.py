@@ -3,10 +3,11 @@
 For each sample of a student batch (training data or on-policy samples alike) the teacher reads the same
 conversation through its own template and tokenizer (data/cross_pair.py), runs once, and at every student
 label position that opens a common character boundary gives its next-token distribution carried onto the
-student's vocabulary (loss/projection.py). Rows come back as `SparseRows` over the student's ids: the top
+student's vocabulary (loss/projection.py); a position inside one of its tokens gets that token's row
+conditioned on the bytes already written. Rows come back as `SparseRows` over the student's ids: the top
 `top_k` plus a tail (residual: what maps to no student id, and the ids past the k). Label positions without a
-teacher row (interior to an aligned span) get an all-tail row, whose divergence is exactly 0: they learn from
-cross-entropy only, and are counted (`take_counts`).
+teacher row (byte pieces inside one character) get an all-tail row, whose divergence is exactly 0: they learn
+from cross-entropy only. Both are counted (`take_counts`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 
 from easydistill.data.cross_pair import CrossPair, same_vocabulary
 from easydistill.data.tokenize import IGNORE_INDEX, SPLITS
+from easydistill.data.vocab_map import Continuations
 from easydistill.loss.divergence import SparseRows
-from easydistill.loss.projection import chain_log_fraction, map_digest, project_rows
+from easydistill.loss.projection import chain_log_fraction, map_digest, project_pairs, project_rows
 from easydistill.models import final_hidden_states
 
 ROW_CHUNK = 256  # teacher positions projected at a time: bounds the (n, V_t) and (n, V_s) fp32 buffers
@@ -36,6 +38,7 @@ class CrossTokenizerTeacher:
         self.examples, self.top_k, self.width = examples, top_k, student_width
         self.map = torch.tensor(pair.vocab_map.teacher_to_student, dtype=torch.long)
         self.map_hash = map_digest(self.map, student_width)
+        self.continuations = Continuations(pair.teacher_pieces, pair.student_pieces)
         teacher = pair.teacher
         self.pad_id = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id or 0
         self._prefixes: dict[tuple[int, int], str] = {}
@@ -75,40 +78,44 @@ class CrossTokenizerTeacher:
         for b, (view, n) in enumerate(zip(views, counts)):
             if len(view.rows) != n:
                 raise RuntimeError(
-                    f"batch row {b}: {len(view.rows)} aligned label tokens for {n} label positions"
+                    f"batch row {b}: {len(view.rows)} label tokens in the view for {n} positions"
                 )
         device = mask.device
         hidden = self._hidden(views, device)  # (B, L_t, H_t)
         n_total = sum(counts)
         k = max(1, min(self.top_k, self.width - 1))  # as project_rows keeps
-        ids = torch.full((n_total, k), -1, dtype=torch.long, device=device)
-        log_probs = torch.full((n_total, k), -torch.inf, device=device)
-        tail = torch.zeros(n_total, device=device)
-        at, picks = (
-            0,
-            [],
-        )  # picks: (student row, batch row, teacher position, first, gold, chain start, length)
-        for b, view in enumerate(views):
-            for j, row in enumerate(view.rows):
-                if row >= 0:
-                    picks.append(
-                        (
-                            at + j,
-                            b,
-                            row,
-                            view.first[j],
-                            view.gold[j],
-                            view.chain_start[j],
-                            view.chain_length[j],
-                        )
-                    )
-            at += len(view.rows)
-        mapped = 0.0
+        out = SparseRows(
+            torch.full((n_total, k), -1, dtype=torch.long, device=device),
+            torch.full((n_total, k), -torch.inf, device=device),
+            torch.zeros(n_total, device=device),
+            self.width,
+        )
+        # (student row, batch row, teacher position, first, gold, chain start, chain length), and the consumed
+        # bytes of conditioned rows
+        picks, conditioned, consumed, at = [], [], [], 0
+        for b, v in enumerate(views):
+            for j, row in enumerate(v.rows):
+                if row < 0:
+                    continue
+                pick = (at + j, b, row, v.first[j], v.gold[j], v.chain_start[j], v.chain_length[j])
+                (picks if v.consumed[j] is None else conditioned).append(pick)
+                if v.consumed[j] is not None:
+                    consumed.append(v.consumed[j])
+            at += len(v.rows)
+        mapped = self._project(picks, hidden, views, out, k) + self._condition(
+            conditioned, consumed, hidden, out, k
+        )
+        self.counts += torch.tensor([n_total, len(picks) + len(conditioned), mapped], dtype=torch.float64)
+        return out
+
+    def _project(self, picks, hidden, views, out: SparseRows, k: int) -> float:
+        """Aligned rows through the vocabulary map, written into `out`; returns their mapped mass."""
+        mapped, device = 0.0, hidden.device
         for start in range(0, len(picks), ROW_CHUNK):
             chunk = torch.tensor(picks[start : start + ROW_CHUNK], dtype=torch.long, device=device)
             logits = self.inner.head_logits(hidden[chunk[:, 1], chunk[:, 2]]).float()  # (n, V_t)
             fraction = self._chain_fractions(hidden, views, chunk)
-            out = project_rows(
+            got = project_rows(
                 logits,
                 self.map.to(device),
                 self.width,
@@ -117,12 +124,38 @@ class CrossTokenizerTeacher:
                 gold=chunk[:, 4],
                 log_fraction=fraction,
             )
-            ids[chunk[:, 0]] = out.ids
-            log_probs[chunk[:, 0]] = out.log_probs
-            tail[chunk[:, 0]] = out.tail
-            mapped += float(out.mapped_mass.sum())
-        self.counts += torch.tensor([n_total, len(picks), mapped], dtype=torch.float64)
-        return SparseRows(ids, log_probs, tail, self.width)
+            mapped += self._write(out, chunk[:, 0], got)
+        return mapped
+
+    def _condition(self, picks, consumed, hidden, out: SparseRows, k: int) -> float:
+        """Interior rows: the teacher's distribution given the bytes of its token already written."""
+        mapped, device = 0.0, hidden.device
+        for start in range(0, len(picks), ROW_CHUNK):
+            chunk = torch.tensor(picks[start : start + ROW_CHUNK], dtype=torch.long, device=device)
+            row_of, teacher_ids, targets = [], [], []
+            for r, (pick, written) in enumerate(zip(picks[start : start + ROW_CHUNK], consumed[start:])):
+                ids, goes_to = self.continuations(written)
+                first, gold = pick[3], pick[4]
+                row_of += [r] * len(ids)
+                teacher_ids += ids
+                targets += [gold if i == first else t for i, t in zip(ids, goes_to)]
+            logits = self.inner.head_logits(hidden[chunk[:, 1], chunk[:, 2]]).float()
+            got = project_pairs(
+                logits,
+                torch.tensor(row_of, dtype=torch.long, device=device),
+                torch.tensor(teacher_ids, dtype=torch.long, device=device),
+                torch.tensor(targets, dtype=torch.long, device=device),
+                self.width,
+                top_k=k,
+                teacher_vocab=self.map.shape[0],
+            )
+            mapped += self._write(out, chunk[:, 0], got)
+        return mapped
+
+    @staticmethod
+    def _write(out: SparseRows, rows: torch.Tensor, got) -> float:
+        out.ids[rows], out.log_probs[rows], out.tail[rows] = got.ids, got.log_probs, got.tail
+        return float(got.mapped_mass.sum())
 
     def _hidden(self, views, device) -> torch.Tensor:
         width = max(len(v.teacher_ids) for v in views)
