@@ -194,6 +194,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--fast", action="store_true", help="a few steps on tiny data: a smoke run in seconds"
     )
+    parser.add_argument(
+        "--task",
+        choices=synthetic.TASKS,
+        help="synthetic task (default: the quickstart's reverse; add puts multi-digit numbers in the answers, "
+        "which the teacher's tokenizer merges and the student's splits digit by digit)",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -202,6 +208,8 @@ def main(argv=None) -> int:
     recipe = dataclasses.replace(recipe, student_seed=args.seed)
     if args.steps is not None:
         recipe = dataclasses.replace(recipe, student_steps=args.steps)
+    if args.task is not None:
+        recipe = dataclasses.replace(recipe, task=args.task)
     workdir = Path(args.workdir)
     with quiet_loading():
         result = run(workdir, recipe, quiet=True)
