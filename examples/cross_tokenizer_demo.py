@@ -168,7 +168,7 @@ def print_report(result: dict, workdir: Path) -> None:
     a = result["alignment"]
     print0(f"\nheld-out: {result['n_heldout']} records; {a['vocabulary']}")
     print0(
-        f"aligned label positions {a['aligned_share']:.1%}, teacher mass on student ids {a['mapped_mass']:.4f}"
+        f"label positions with a teacher row {a['aligned_share']:.1%}, teacher mass on student ids {a['mapped_mass']:.4f}"
     )
     head = f"{'':24s}{'CE/token':>12s}{'KL(T~>S)/tok':>14s}{'top-1 agree':>13s}{'exact match':>13s}"
     print0(head + "\n" + "-" * len(head))
