@@ -15,7 +15,7 @@ from kd_helpers import kd_config, prepare, train, write_records
 
 from easydistill import cli, validate
 from easydistill.data import KDCollator
-from easydistill.train.step import kd_step_sums
+from easydistill.train.step import kd_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,15 +89,7 @@ def test_same_tokenizer_through_the_cross_path_gives_the_ordinary_loss(
             assert run.trainer.teachers[0].spec.kind == "cross_tokenizer"
         batch = first_batch(run)
         model = run.trainer.model
-        result = kd_step_sums(
-            model,
-            batch,
-            run.trainer.teachers,
-            kd_ratio=0.5,
-            kind=kind,
-            temperature=2.0,
-            chunk_size=chunk_size,
-        )
+        result = kd_step(run.trainer.model, batch, run.trainer.teachers, run.cfg.loss)
         result.objective.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         sums[mode] = (result.kd_sum, result.ce_sum, grads)
@@ -147,7 +139,7 @@ def test_teachers_with_and_without_the_students_tokenizer_together(
     kinds = [t.spec.kind for t in run.trainer.teachers]
     assert kinds == ["online", "cross_tokenizer"]
     batch = first_batch(run)
-    result = kd_step_sums(run.trainer.model, batch, run.trainer.teachers, kd_ratio=0.5, chunk_size=chunk_size)
+    result = kd_step(run.trainer.model, batch, run.trainer.teachers, run.cfg.loss)
     own = [float(o) for o in result.own_sums]
     assert all(o > 0 for o in own)
     assert float(result.kd_sum) == pytest.approx(sum(w * o for w, o in zip([0.5, 0.5], own)), rel=1e-5)

@@ -19,8 +19,8 @@ import torch
 from easydistill.data.cross_pair import CrossPair, same_vocabulary
 from easydistill.data.tokenize import IGNORE_INDEX, SPLITS
 from easydistill.data.vocab_map import Continuations
-from easydistill.loss.divergence import SparseRows
 from easydistill.loss.projection import chain_log_fraction, map_digest, project_pairs, project_rows
+from easydistill.loss.rows import SparseRows
 from easydistill.models import final_hidden_states
 
 ROW_CHUNK = 256  # teacher positions projected at a time: bounds the (n, V_t) and (n, V_s) fp32 buffers
@@ -28,9 +28,15 @@ COUNTS = ("label_positions", "aligned_positions", "mapped_mass")
 
 
 class CrossTokenizerTeacher:
-    """inner: the model teacher (an OnlineTeacher) whose tokenizer is pair.teacher; examples: split -> the run's
+    """The Teacher interface (teachers/__init__.py) for a model teacher of another tokenizer: `rows` returns
+    SparseRows on the student's vocabulary; its logits are not the student's, so it does not project.
+
+    inner: the model teacher (an OnlineTeacher) whose tokenizer is pair.teacher; examples: split -> the run's
     TokenizedExamples (their records render the teacher's prompts); student_width: the student's vocabulary
     columns the rows cover."""
+
+    projects = False
+    head = None
 
     def __init__(self, inner, pair: CrossPair, examples: dict, *, student_width: int, top_k: int):
         self.spec = dataclasses.replace(inner.spec, kind="cross_tokenizer")
@@ -189,6 +195,12 @@ class CrossTokenizerTeacher:
             token_lp = torch.cat([log_p.new_zeros(1), log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)])
             fraction[r] = chain_log_fraction(token_lp, torch.tensor([0]), torch.tensor([length]))[0]
         return fraction
+
+    def hidden_rows(self, batch, mask):
+        raise NotImplementedError(f"teacher {self.spec.name!r}: its hidden states are on its own tokens")
+
+    def head_logits(self, hidden, out=None):
+        raise NotImplementedError(f"teacher {self.spec.name!r}: its logits are over its own vocabulary")
 
     def generate(self, **kwargs):
         raise NotImplementedError(
