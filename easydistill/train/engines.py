@@ -238,8 +238,12 @@ def place_teachers(trainer, engine: Engine, cfg) -> None:
         if teacher.spec.kind == "self":
             engine.teachers[name] = f"self (the student's weights, {engine.student})"
             continue
-        if teacher.spec.kind == "cross_tokenizer":  # its model reads its own tokens: not sharded with the student
-            engine.teachers[name] = "replicated (a teacher of another tokenizer; sharding it is not supported)"
+        if (
+            teacher.spec.kind == "cross_tokenizer"
+        ):  # its model reads its own tokens: not sharded with the student
+            engine.teachers[name] = (
+                "replicated (a teacher of another tokenizer; sharding it is not supported)"
+            )
             continue
         if teacher.spec.kind != "online":
             engine.teachers[name] = "stored rows (no weights)"
