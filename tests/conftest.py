@@ -31,6 +31,15 @@ OTHER_TEXT = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """Tokenized data and validation stamps (easydistill/data/cache.py) of this session, not in ~/.cache;
+    processes the tests start inherit it."""
+    folder = tmp_path_factory.mktemp("easydistill-cache")
+    os.environ["EASYDISTILL_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(teacher_dir, student_dir), Qwen2 architecture, one tokenizer, teacher rows padded to 64."""

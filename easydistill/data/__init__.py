@@ -1,7 +1,7 @@
 """Data: user files → normalised chat records → token ids + labels, plus collation.
 
 One direction: `load_records` (formats, shapes, ids) → `render_and_tokenize` (template, label
-masking, truncation) → `build_dataset` (stats, train/eval split) → `TokenizedDataset` +
+masking, truncation) → `build_dataset` (stats, train/eval split, an Arrow file kept between runs) → `TokenizedDataset` +
 `KDCollator` for the trainer. Every problem a user can cause raises `UserError` naming
 `file:line` (JSONL, JSON list) or `file row N` (parquet). See docs/data.md.
 
@@ -15,6 +15,7 @@ import importlib
 
 _HOMES = {
     "collate": ("KDCollator", "TokenizedDataset"),
+    "dataset": ("build_dataset",),
     "records": ("ROLES", "TEXT_FIELDS", "load_prompts", "load_records", "validate_data_file"),
     "render": ("V1_TEMPLATE", "render_prompt", "render_segments"),
     "tokenize": (
@@ -22,7 +23,6 @@ _HOMES = {
         "SPLITS",
         "DataStats",
         "TokenizedExample",
-        "build_dataset",
         "render_and_tokenize",
         "tokenized_hash",
     ),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -21,7 +21,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, examples: list[TokenizedExample]):
-        self.examples = list(examples)
+        # A sequence (list or data.table.ExampleTable) is kept as it is: rows are read when batched.
+        self.examples = examples if isinstance(examples, Sequence) else list(examples)
 
     def __len__(self) -> int:
         return len(self.examples)

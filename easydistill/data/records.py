@@ -19,7 +19,9 @@ TEXT_FIELDS = ("instruction", "input", "output", "system", "prompt", "completion
 def _read_items(path) -> Iterator[tuple[str, object]]:
     """Yield (source, raw item) pairs; source is `file:line`, `file:line (item i)` or `file row i`.
 
-    Items are parsed lazily, so the first bad record is reported even if a later one is malformed.
+    Items are parsed lazily, so the first bad record is reported even if a later one is malformed. JSONL and
+    parquet files are read a line (a batch of rows) at a time, so memory does not grow with the file; a JSON
+    list is one document and is read whole.
     """
     p = Path(path)
     suffix = p.suffix.lower()
@@ -31,30 +33,37 @@ def _read_items(path) -> Iterator[tuple[str, object]]:
         raise UserError(f"data path is not a file: {p}")
     if suffix == ".parquet":
         return _read_parquet(p)
+    if suffix == ".jsonl":
+        return _read_jsonl(p)
     raw = p.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise UserError(f"{p}:{line}: not valid UTF-8 ({e.reason})") from None
-    return _read_jsonl(p, text) if suffix == ".jsonl" else _read_json_list(p, text)
+    return _read_json_list(p, text)
 
 
 def _unreadable(exc: Exception) -> str:
     return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
-def _read_jsonl(p: Path, text: str) -> Iterator[tuple[str, object]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-        except (RecursionError, ValueError) as e:  # nested thousands deep; an integer of 4300+ digits
-            raise UserError(f"{p}:{lineno}: cannot be read as JSON ({_unreadable(e)})") from None
-        yield f"{p}:{lineno}", obj
+def _read_jsonl(p: Path) -> Iterator[tuple[str, object]]:
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{p}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+            except (RecursionError, ValueError) as e:  # nested thousands deep; an integer of 4300+ digits
+                raise UserError(f"{p}:{lineno}: cannot be read as JSON ({_unreadable(e)})") from None
+            yield f"{p}:{lineno}", obj
 
 
 def _read_json_list(p: Path, text: str) -> Iterator[tuple[str, object]]:
@@ -111,10 +120,24 @@ def _read_parquet(p: Path) -> Iterator[tuple[str, object]]:
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(p).to_pylist()
+        batches = pq.ParquetFile(p).iter_batches(batch_size=1024)
     except Exception as e:  # pyarrow raises several types for a bad file
         raise UserError(f"{p}: cannot read parquet file: {e}") from None
-    return ((f"{p} row {i}", row) for i, row in enumerate(rows))
+    return _parquet_rows(p, batches)
+
+
+def _parquet_rows(p: Path, batches) -> Iterator[tuple[str, object]]:
+    index = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged row group shows only when it is read
+            raise UserError(f"{p}: cannot read parquet file: {e}") from None
+        if batch is None:
+            return
+        for row in batch.to_pylist():
+            yield f"{p} row {index}", row
+            index += 1
 
 
 # ---------------------------------------------------------------- shapes and normalisation
@@ -177,10 +200,12 @@ def _content_hash(messages: list[dict]) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
 
-def _load(path, prompts: bool) -> list[dict]:
-    records: list[dict] = []
+def iter_records(path, prompts: bool = False) -> Iterator[dict]:
+    """Records of `path` one at a time, checked as they come (see `load_records`); memory does not grow with
+    the file except by each record's id (kept to refuse a duplicate)."""
     first_family: tuple[str, str] | None = None
-    seen_ids: dict[str, str] = {}
+    seen_ids: dict[str, int] = {}
+    index = -1
     for index, (source, obj) in enumerate(_read_items(path)):
         family = _shape_family(obj, source)
         if first_family is None:
@@ -207,14 +232,17 @@ def _load(path, prompts: bool) -> list[dict]:
                 )
         sample_id = _sample_id(obj, index, source)
         if sample_id in seen_ids:
-            raise UserError(f"duplicate sample id {sample_id!r} at {seen_ids[sample_id]} and {source}")
-        seen_ids[sample_id] = source
-        records.append(
-            {"id": sample_id, "messages": messages, "source": source, "content_hash": _content_hash(messages)}
-        )
-    if not records:
+            first = next(src for i, (src, _) in enumerate(_read_items(path)) if i == seen_ids[sample_id])
+            raise UserError(f"duplicate sample id {sample_id!r} at {first} and {source}")
+        seen_ids[sample_id] = index
+        yield {
+            "id": sample_id,
+            "messages": messages,
+            "source": source,
+            "content_hash": _content_hash(messages),
+        }
+    if index < 0:
         raise UserError(f"{path}: the file holds no records")
-    return records
 
 
 def _sample_id(obj, index: int, source: str) -> str:
@@ -229,7 +257,7 @@ def _sample_id(obj, index: int, source: str) -> str:
 
 def load_records(path) -> list[dict]:
     """Labeled records as {"id", "messages", "source", "content_hash"}; every record has a response."""
-    return _load(path, prompts=False)
+    return list(iter_records(path, prompts=False))
 
 
 def load_prompts(path) -> list[dict]:
@@ -238,7 +266,7 @@ def load_prompts(path) -> list[dict]:
     Accepts a list of strings or prompt-only records; labeled records are accepted too and their
     response is dropped, so the teacher can answer the same prompts again.
     """
-    return _load(path, prompts=True)
+    return list(iter_records(path, prompts=True))
 
 
 def with_system_prompt(prompts: list[dict], system: str | None) -> list[dict]:
@@ -254,5 +282,14 @@ def with_system_prompt(prompts: list[dict], system: str | None) -> list[dict]:
 
 
 def validate_data_file(path, *, prompts: bool = False) -> int:
-    """Parse and check every record of `path` without a tokenizer; return the record count."""
-    return len(_load(path, prompts=prompts))
+    """Parse and check every record of `path` without a tokenizer; return the record count.
+
+    A file checked before (same path, size and modification time) is not read again (data/cache.py)."""
+    from easydistill.data.cache import read_validated, write_validated
+
+    known = read_validated(path, prompts)
+    if known is not None:
+        return known
+    count = sum(1 for _ in iter_records(path, prompts=prompts))
+    write_validated(path, prompts, count)
+    return count

@@ -1,17 +1,21 @@
-"""Tokenising records into ids + labels, truncation, stats and the train/eval split."""
+"""Tokenising records into ids + labels, truncation (by characters first, then by tokens), stats, the split.
+
+A record is cut by characters before it is rendered and tokenized: no content longer than
+`char_budget(tokenizer, max_length)` can change the first max_length tokens (each token covers at most as many
+characters as the longest vocabulary entry; the budget is twice what max_length tokens can cover), so a
+50 MB record costs what a record of that budget costs, and the kept tokens are the same as without the cut.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import logging
 import random
+import weakref
 from dataclasses import dataclass
 
-from easydistill.data.records import load_records
 from easydistill.data.render import render_segments
 from easydistill.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "eval")  # batch["sample_split"] holds the index into this tuple
@@ -34,9 +38,10 @@ class TokenizedExample:
 class DataStats:
     n_records: int = 0
     n_truncated: int = 0  # examples cut to max_length (kept or dropped)
+    n_clipped: int = 0  # records cut by characters before tokenizing (far longer than max_length)
     n_dropped: int = 0  # examples with no response token left after truncation
     n_response_tokens: int = 0  # label tokens over all kept examples
-    max_len_seen: int = 0  # longest example in tokens, before truncation
+    max_len_seen: int = 0  # longest example in tokens, before truncation (after the character cut)
 
     def summary(self) -> str:
         return (
@@ -76,25 +81,57 @@ def _tokenize_with_labels(tokenizer, text: str, segments: list[tuple[int, int]])
     return ids, labels
 
 
-def _tokenize_record(record, tokenizer, template_path, max_length):
-    """(example or None when dropped, length before truncation, was truncated)."""
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def char_budget(tokenizer, max_length: int) -> int | None:
+    """Characters of a message that can matter for the first max_length tokens, with a 2x margin (None: the
+    tokenizer does not list its vocabulary, so nothing is cut)."""
+    try:
+        longest = _LONGEST_TOKEN.get(tokenizer)
+    except TypeError:
+        longest = None
+    if longest is None:
+        try:
+            longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        except (AttributeError, NotImplementedError, TypeError):
+            return None
+        with contextlib.suppress(
+            TypeError
+        ):  # a tokenizer that cannot be weakly referenced: computed each time
+            _LONGEST_TOKEN[tokenizer] = longest
+    return 2 * (max_length + 1) * max(longest, 1) + 1024
+
+
+def _clip(record: dict, budget: int | None) -> tuple[dict, bool]:
+    """The record with every message content cut to `budget` characters; whether anything was cut."""
+    if budget is None or all(len(m["content"]) <= budget for m in record["messages"]):
+        return record, False
+    messages = [{**m, "content": m["content"][:budget]} for m in record["messages"]]
+    return {**record, "messages": messages}, True
+
+
+def tokenize_record(record, tokenizer, template_path, max_length, budget=None):
+    """(example or None when dropped, length in tokens before truncation, truncated, clipped by characters)."""
     if max_length is None or max_length <= 0:
         raise UserError(f"max_length must be a positive integer, got {max_length!r}")
+    record, clipped = _clip(record, budget)
     text, segments = render_segments(record, tokenizer, template_path=template_path)
     ids, labels = _tokenize_with_labels(tokenizer, text, segments)
     full_len = len(ids)
     truncated = full_len > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     if all(t == IGNORE_INDEX for t in labels):
-        return None, full_len, truncated
+        return None, full_len, truncated, clipped
     prompt_len = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
     example = TokenizedExample(record["id"], ids, labels, prompt_len, messages=record["messages"])
-    return example, full_len, truncated
+    return example, full_len, truncated, clipped
 
 
 def render_and_tokenize(record, tokenizer, *, template_path=None, max_length) -> TokenizedExample | None:
     """Token ids + labels of one record, left part kept; None when no response token survives."""
-    return _tokenize_record(record, tokenizer, template_path, max_length)[0]
+    budget = char_budget(tokenizer, max_length) if max_length and max_length > 0 else None
+    return tokenize_record(record, tokenizer, template_path, max_length, budget)[0]
 
 
 def tokenized_hash(input_ids) -> str:
@@ -103,61 +140,15 @@ def tokenized_hash(input_ids) -> str:
     return hashlib.blake2b(",".join(map(str, ids)).encode(), digest_size=8).hexdigest()
 
 
-def _split(records: list[dict], eval_ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded shuffle of the sorted ids: independent of file order, the same on every run."""
+def eval_ids(ids: list[str], eval_ratio: float, seed: int) -> set[str]:
+    """The ids held out for evaluation: a seeded shuffle of the sorted ids, independent of file order."""
     if not 0.0 <= eval_ratio < 1.0:
         raise UserError(f"eval_ratio must be in [0, 1), got {eval_ratio}")
     if eval_ratio == 0.0:
-        return records, []
-    if len(records) < 2:
-        raise UserError(f"cannot split {len(records)} record(s) into train and eval; lower eval_ratio to 0")
-    n_eval = min(len(records) - 1, max(1, round(len(records) * eval_ratio)))
-    ids = sorted(r["id"] for r in records)
-    random.Random(seed).shuffle(ids)
-    eval_ids = set(ids[:n_eval])
-    return [r for r in records if r["id"] not in eval_ids], [r for r in records if r["id"] in eval_ids]
-
-
-def build_dataset(
-    path, tokenizer, *, template_path=None, max_length, eval_ratio=0.0, eval_path=None, seed=42
-) -> tuple[list[TokenizedExample], list[TokenizedExample], DataStats]:
-    """Load, split and tokenise. `eval_path`, when given, is the eval set and `eval_ratio` is ignored."""
-    records = load_records(path)
-    if eval_path is not None:
-        if eval_ratio:
-            logger.warning("eval_path is set, so eval_ratio=%s is ignored", eval_ratio)
-        train_records, eval_records = records, load_records(eval_path)
-    else:
-        train_records, eval_records = _split(records, eval_ratio, seed)
-    stats = DataStats(n_records=len(train_records) + len(eval_records))
-    dropped: list[str] = []
-
-    def tokenize_all(recs: list[dict], split: str) -> list[TokenizedExample]:
-        out = []
-        for rec in recs:
-            example, full_len, truncated = _tokenize_record(rec, tokenizer, template_path, max_length)
-            stats.max_len_seen = max(stats.max_len_seen, full_len)
-            stats.n_truncated += truncated
-            if example is None:
-                stats.n_dropped += 1
-                dropped.append(rec["source"])
-                continue
-            example.sample_index, example.split = len(out), split
-            stats.n_response_tokens += sum(t != IGNORE_INDEX for t in example.labels)
-            out.append(example)
-        return out
-
-    train, evaluation = tokenize_all(train_records, "train"), tokenize_all(eval_records, "eval")
-    if dropped:
-        logger.warning(
-            "dropped %d example(s) with no response token within max_length=%d, e.g. %s",
-            len(dropped),
-            max_length,
-            ", ".join(dropped[:3]),
-        )
-    if not train:
-        raise UserError(
-            f"{path}: no training example left: all {len(train_records)} were dropped because "
-            f"max_length={max_length} leaves no response token (longest example: {stats.max_len_seen})"
-        )
-    return train, evaluation, stats
+        return set()
+    if len(ids) < 2:
+        raise UserError(f"cannot split {len(ids)} record(s) into train and eval; lower eval_ratio to 0")
+    n_eval = min(len(ids) - 1, max(1, round(len(ids) * eval_ratio)))
+    shuffled = sorted(ids)
+    random.Random(seed).shuffle(shuffled)
+    return set(shuffled[:n_eval])

@@ -272,7 +272,8 @@ def prepare_run(cfg) -> KDRun:
     set_seed(args.seed)
     m = cfg.models
     tokenizer = load_tokenizer(m.student, m.trust_remote_code)
-    train_examples, eval_examples, stats = training_examples(cfg, tokenizer)
+    with args.main_process_first(desc="tokenizing"):  # one process tokenizes, the others map its files
+        train_examples, eval_examples, stats = training_examples(cfg, tokenizer)
     print0(f"data: {stats.summary()}; {len(train_examples)} train / {len(eval_examples)} eval examples")
     if not train_examples:
         raise UserError(f"$.dataset.labeled_path: no training example left ({stats.summary()})")
